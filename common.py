@@ -119,6 +119,18 @@ def format_help(classes, prog, usage):
     return "\n".join(lines)
 
 
+def markdown_table(classes):
+    """The flags as a Markdown table (README.md holds this; a test keeps the two equal)."""
+    lines = ["| flag | default | what it does |", "|---|---|---|"]
+    for cls in classes:
+        for f in fields(cls):
+            doc = f.metadata.get("help", "")
+            if f.metadata.get("choices"):
+                doc += f" ({' / '.join(map(str, f.metadata['choices']))})"
+            lines.append(f"| `--{f.name}` | `{f.default}` | {doc} |")
+    return "\n".join(lines)
+
+
 def split_flags(argv):
     """Split argv into positionals and an ordered list of (name, value-or-None) flags."""
     positionals, flags = [], []

@@ -85,7 +85,8 @@ POSITIVE = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_si
 RUNTIME_FIELDS = {"resume", "out_dir", "run_name", "data_dir", "batch_size",
                   "gradient_accumulation_steps", "compile", "device", "log_interval",
                   "eval_interval", "eval_batch_size", "checkpoint_interval", "keep_checkpoints",
-                  "max_iters", "max_tokens", "nonfinite"}
+                  "nonfinite"}
+# max_iters/max_tokens are not among them: the cosine schedule of the remaining steps depends on them.
 
 
 @dataclass

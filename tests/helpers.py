@@ -1,0 +1,48 @@
+"""Shared test fixtures: small learnable token shards and tiny training flags."""
+
+import json
+import os
+
+import numpy as np
+
+from data import write_shard
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 256
+
+
+def synthetic_tokens(n, vocab=VOCAB, seed=0):
+    """A learnable stream: an arithmetic pattern with a little noise, all ids < vocab."""
+    rng = np.random.default_rng(seed)
+    return ((np.arange(n) * 7 + rng.integers(0, 3, n)) % vocab).astype(np.uint16)
+
+
+def make_shards(data_dir, dataset="syn", train=(40_000,), val=8_000, test=8_000, vocab=VOCAB):
+    """Write train shards of the given sizes plus one val and one test shard; return data_dir."""
+    os.makedirs(os.path.join(data_dir, dataset), exist_ok=True)
+    for i, n in enumerate(train):
+        write_shard(os.path.join(data_dir, dataset, f"train_{i:06d}.bin"), synthetic_tokens(n, vocab, seed=i))
+    write_shard(os.path.join(data_dir, dataset, "val_000000.bin"), synthetic_tokens(val, vocab, seed=100))
+    write_shard(os.path.join(data_dir, dataset, "test_000000.bin"), synthetic_tokens(test, vocab, seed=200))
+    return str(data_dir)
+
+
+def tiny_flags(data_dir, out_dir, **overrides):
+    """Flags for a tiny CPU run (about 30k parameters) on shards from make_shards."""
+    flags = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=VOCAB, dropout=0.0,
+                 dataset="syn", data_dir=data_dir, out_dir=out_dir, batch_size=4,
+                 total_batch_size=256, max_iters=12, max_tokens=0, dtype="float32",
+                 compile=False, device="cpu", log_interval=1, eval_interval=6, eval_tokens=1024,
+                 checkpoint_interval=100, learning_rate=3e-3)
+    flags.update(overrides)
+    return [f"--{k}={v}" for k, v in flags.items()]
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def curve(out_dir, keys=("step", "tokens", "loss", "lr", "grad_norm", "clipped")):
+    """The run's logged values without timings, for exact comparisons between runs."""
+    return [{k: r[k] for k in keys if k in r} for r in read_metrics(out_dir) if "loss" in r]

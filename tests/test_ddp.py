@@ -1,0 +1,35 @@
+"""train.py under torchrun (2 processes, gloo on the CPU) matches the single-process run."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from common import load_checkpoint
+from helpers import ROOT, curve, make_shards, tiny_flags
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_matches_one_process(tmp_path):
+    data_dir = make_shards(tmp_path / "data")
+    # 256 tokens per step: 1 process x 2 micro-batches of 4 x 32, or 2 ranks x 1 micro-batch
+    flags = dict(max_iters=6, eval_interval=3, batch_size=4)
+    train.main(tiny_flags(data_dir, str(tmp_path / "one"), **flags))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", *tiny_flags(data_dir, str(tmp_path / "two"), **flags)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = curve(tmp_path / "one"), curve(tmp_path / "two")
+    assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    wa = load_checkpoint(str(tmp_path / "one" / "ckpt.pt"))["model"]
+    wb = load_checkpoint(str(tmp_path / "two" / "ckpt.pt"))["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+    assert proc.stdout.count("done: 6 steps") == 1  # progress from rank 0 only

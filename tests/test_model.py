@@ -1,0 +1,99 @@
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+
+
+def gpt2_small(**kw):
+    return GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, **kw)
+
+
+def count_on_meta(config):
+    with torch.device("meta"):
+        return GPT(config).num_params()
+
+
+def test_parameter_count_of_the_story_163m_shape():
+    # untied head, no QKV bias: 124,439,808 + 50257*768 (head) - 12*3*768 (QKV biases)
+    assert count_on_meta(gpt2_small(qkv_bias=False, tie_weights=False)) == 163_009_536
+
+
+def test_parameter_count_of_original_gpt2_124m_shape():
+    assert count_on_meta(gpt2_small(qkv_bias=True, tie_weights=True)) == 124_439_808
+
+
+def test_qkv_bias_switches_only_the_qkv_bias():
+    tiny = dict(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32)
+    with_bias = {k for k, _ in GPT(GPTConfig(**tiny, qkv_bias=True)).named_parameters()}
+    without = {k for k, _ in GPT(GPTConfig(**tiny, qkv_bias=False)).named_parameters()}
+    assert with_bias - without == {"transformer.h.0.attn.c_attn.bias", "transformer.h.1.attn.c_attn.bias"}
+    assert "transformer.h.0.attn.c_proj.bias" in without and "transformer.h.0.ln_1.bias" in without
+
+
+def tiny(**kw):
+    return GPTConfig(**{**dict(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32, dropout=0.0), **kw})
+
+
+def test_tied_weights_share_storage_and_untied_do_not():
+    tied, untied = GPT(tiny(tie_weights=True)), GPT(tiny(tie_weights=False))
+    assert tied.lm_head.weight.data_ptr() == tied.transformer.wte.weight.data_ptr()
+    assert untied.lm_head.weight.data_ptr() != untied.transformer.wte.weight.data_ptr()
+    # a state-dict round trip keeps the tie
+    again = GPT(tiny(tie_weights=True))
+    again.load_state_dict(tied.state_dict())
+    assert again.lm_head.weight.data_ptr() == again.transformer.wte.weight.data_ptr()
+
+
+@pytest.mark.parametrize("switch", ["qkv_bias", "tie_weights"])
+def test_switches_do_not_change_the_other_initial_weights(switch):
+    torch.manual_seed(0)
+    off = dict(GPT(tiny(**{switch: False})).named_parameters())
+    torch.manual_seed(0)
+    on = dict(GPT(tiny(**{switch: True})).named_parameters())
+    shared = (set(off) & set(on)) - {"lm_head.weight"}
+    assert len(shared) > 10
+    for name in shared:
+        assert torch.equal(off[name], on[name]), name
+
+
+def test_causality_later_tokens_do_not_change_earlier_logits():
+    torch.manual_seed(0)
+    model = GPT(tiny()).eval()
+    idx = torch.randint(0, 32, (2, 8))
+    changed = idx.clone()
+    changed[:, 5] = (changed[:, 5] + 1) % 32
+    a, _ = model(idx)
+    b, _ = model(changed)
+    assert torch.equal(a[:, :5], b[:, :5])
+    assert not torch.allclose(a[:, 5:], b[:, 5:])
+
+
+def test_initial_loss_is_about_ln_vocab():
+    torch.manual_seed(0)
+    model = GPT(tiny(vocab_size=1000, n_embd=32))
+    idx = torch.randint(0, 1000, (4, 8))
+    _, loss = model(idx, idx)
+    assert abs(loss.item() - math.log(1000)) < 0.05
+
+
+def test_forward_rejects_sequences_longer_than_block_size():
+    with pytest.raises(ValueError, match="block_size"):
+        GPT(tiny())(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_generate_is_seeded_and_keeps_the_prompt():
+    torch.manual_seed(0)
+    model = GPT(tiny()).eval()
+    prompt = torch.tensor([[1, 2, 3]])
+    a = model.generate(prompt, 10, top_k=5, generator=torch.Generator().manual_seed(7))
+    b = model.generate(prompt, 10, top_k=5, generator=torch.Generator().manual_seed(7))
+    assert a.shape == (1, 13) and torch.equal(a, b) and torch.equal(a[:, :3], prompt)
+
+
+def test_flops_per_token_of_gpt2_small():
+    # 6 * (124,439,808 - 1024*768 position embeddings) + 12 * 12 layers * 12 heads * 64 * 1024
+    with torch.device("meta"):
+        model = GPT(gpt2_small(qkv_bias=True, tie_weights=True))
+    assert model.flops_per_token() == 6 * 123_653_376 + 12 * 12 * 12 * 64 * 1024 == 855_166_464

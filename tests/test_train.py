@@ -1,0 +1,163 @@
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+import data
+import train
+from common import load_checkpoint
+from helpers import VOCAB, curve, make_shards, read_metrics, tiny_flags
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return make_shards(tmp_path / "data")
+
+
+def run(data_dir, out_dir, **overrides):
+    train.main(tiny_flags(data_dir, str(out_dir), **overrides))
+    return str(out_dir)
+
+
+# --- learning-rate schedule ---------------------------------------------------------------------
+
+
+def plan_and_config(**kw):
+    tc = train.TrainConfig(**{"max_iters": 100, "max_tokens": 0, "learning_rate": 1e-3, "min_lr": 1e-4, **kw})
+    mc = train.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16)
+    return train.make_plan(mc, train.dataclasses.replace(tc, total_batch_size=0, batch_size=1), 1), tc
+
+
+def test_cosine_schedule_boundaries():
+    plan, tc = plan_and_config(lr_schedule="cosine", warmup_frac=0.05)
+    assert plan.warmup_steps == 5
+    lrs = [train.get_lr(s, tc, plan) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-3 / 5) and lrs[0] > 0  # never 0 at step 0
+    assert lrs[4] == pytest.approx(1e-3)  # warmup ends at the peak
+    assert lrs[5] == pytest.approx(1e-3)  # cosine starts at the peak
+    assert lrs[99] == pytest.approx(1e-4)  # and reaches min_lr at the last step
+    assert lrs[52] == pytest.approx(1e-4 + 0.5 * 9e-4, rel=1e-3)  # halfway: (47/94 of the span)
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))  # monotone decay
+
+
+def test_constant_schedule_with_warmup_iters():
+    plan, tc = plan_and_config(lr_schedule="constant", warmup_iters=10)
+    assert [train.get_lr(s, tc, plan) for s in (0, 9, 10, 99)] == pytest.approx([1e-4, 1e-3, 1e-3, 1e-3])
+
+
+def test_constant_schedule_without_warmup_is_flat():
+    plan, tc = plan_and_config()
+    assert {train.get_lr(s, tc, plan) for s in range(100)} == {1e-3}
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+def test_loss_starts_near_ln_vocab_and_falls(data_dir, tmp_path):
+    out = run(data_dir, tmp_path / "run", max_iters=30)
+    losses = [r["loss"] for r in curve(out)]
+    assert abs(losses[0] - math.log(VOCAB)) < 0.1
+    assert losses[-1] < losses[0] - 1.0
+    vals = [r["val_loss"] for r in read_metrics(out) if "val_loss" in r]
+    assert len(vals) == 5 and vals[-1] < vals[0]
+
+
+def test_run_directory_contents(data_dir, tmp_path):
+    out = run(data_dir, tmp_path / "run", max_iters=4)
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "config.json", "log.txt", "metrics.jsonl"]
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))  # plain data: weights_only=True loads it
+    assert ckpt["step"] == 4 and ckpt["tokens"] == 4 * 256
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    row = read_metrics(out)[0]
+    assert set(row) == {"step", "tokens", "loss", "lr", "grad_norm", "clipped", "dt_ms", "tok_per_s", "mfu"}
+    assert row["mfu"] is None  # no known peak for a CPU: no invented number
+
+
+@pytest.mark.parametrize("batch_size", [4, 2])
+def test_gradient_accumulation_gives_the_same_losses(data_dir, tmp_path, batch_size):
+    # 256 tokens per step = 8 sequences of 32: 1 x 8 against 2 x 4 and 4 x 2 micro-batches
+    ref = curve(run(data_dir, tmp_path / "ref", batch_size=8))
+    other = curve(run(data_dir, tmp_path / "acc", batch_size=batch_size))
+    assert [r["tokens"] for r in ref] == [r["tokens"] for r in other]
+    for a, b in zip(ref, other):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_same_seed_is_bitwise_deterministic(data_dir, tmp_path):
+    a = curve(run(data_dir, tmp_path / "a", dropout=0.1))
+    b = curve(run(data_dir, tmp_path / "b", dropout=0.1))
+    assert a == b
+
+
+def test_data_order_is_independent_of_seed_and_data_seed_shuffles(data_dir):
+    shards = data.find_shards(data_dir, "syn", "train")
+    plain = data.TrainLoader(shards, 256, 8, 32, 1, 0, 1, 0, VOCAB)
+    x0, _ = plain.batch(0, 0)
+    assert (x0.ravel() == data.read_tokens(shards[0][0], 0, 256)).all()  # first chunk, in order
+    shuffled = data.TrainLoader(shards, 256, 8, 32, 1, 0, 1, 7, VOCAB)
+    order = [shuffled.locate(s)[2] for s in range(plain.chunks)]
+    assert sorted(order) == list(range(plain.chunks)) and order != sorted(order)
+
+
+def test_resume_after_sigterm_is_bitwise_exact(data_dir, tmp_path, monkeypatch, capsys):
+    overrides = dict(max_iters=12, dropout=0.1, lr_schedule="cosine", warmup_iters=3, grad_clip=1.0)
+    full = run(data_dir, tmp_path / "full", **overrides)
+
+    batch = data.TrainLoader.batch
+
+    def preempt_at_step_5(self, step, micro):
+        if step == 5 and micro == 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by train: checkpoint after this step
+        return batch(self, step, micro)
+    monkeypatch.setattr(data.TrainLoader, "batch", preempt_at_step_5)
+    part = run(data_dir, tmp_path / "part", **overrides)
+    assert load_checkpoint(os.path.join(part, "ckpt.pt"))["step"] == 6
+    assert "Resume with: python train.py --resume" in capsys.readouterr().out
+    monkeypatch.setattr(data.TrainLoader, "batch", batch)
+    run(data_dir, tmp_path / "part", resume=True, **overrides)
+
+    assert curve(part) == curve(full)
+    a, b = load_checkpoint(os.path.join(full, "ckpt.pt")), load_checkpoint(os.path.join(part, "ckpt.pt"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, state in a["optimizer"]["state"].items():
+        for name in state:
+            assert torch.equal(state[name], b["optimizer"]["state"][k][name])
+
+
+def test_grad_clip_logs_the_preclip_norm_and_clips(data_dir, tmp_path):
+    rows = curve(run(data_dir, tmp_path / "clip", grad_clip=0.05, max_iters=3))
+    assert all(r["clipped"] and r["grad_norm"] > 0.05 for r in rows)
+    free = curve(run(data_dir, tmp_path / "free", max_iters=3))
+    assert rows[0]["grad_norm"] == free[0]["grad_norm"]  # same first step: the norm is pre-clip
+    assert rows[1]["loss"] != free[1]["loss"]  # clipping changed the update
+
+
+def test_weight_decay_groups_cover_every_parameter_once():
+    model = train.GPT(train.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16,
+                                      tie_weights=True, qkv_bias=True))
+    for which, decayed in (("all", 16), ("matrices", 6)):  # wte wpe c_attn c_proj c_fc c_proj
+        opt = train.configure_optimizer(model, train.TrainConfig(decay_params=which), "cpu")
+        groups = opt.param_groups
+        assert len(groups[0]["params"]) == decayed and groups[0]["weight_decay"] == 0.1
+        assert sum(len(g["params"]) for g in groups) == len(list(model.parameters())) == 16
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    forward = train.GPT.forward
+
+    def explode_after_step_6(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
+        if self.training and train.torch.initial_seed() == explode_after_step_6.seed_at_7:
+            loss = loss * float("nan")
+        return logits, loss
+    explode_after_step_6.seed_at_7 = train.step_seed(1337, 7, 0)
+    monkeypatch.setattr(train.GPT, "forward", explode_after_step_6)
+    with pytest.raises(SystemExit) as e:
+        train.run_main(train.main, tiny_flags(data_dir, str(tmp_path / "nan"), checkpoint_interval=4, log_interval=4))
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "non-finite loss or gradient at step 8" in err and "is kept" in err
+    assert load_checkpoint(str(tmp_path / "nan" / "ckpt.pt"))["step"] == 4
