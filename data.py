@@ -6,6 +6,8 @@ version 1, token count, zeros) followed by `count` uint16 token ids. Files are
 """
 
 import glob
+import hashlib
+import json
 import os
 
 import numpy as np
@@ -92,12 +94,50 @@ def read_shard(path):
 
 
 def find_shards(data_dir, dataset, split):
-    """The split's shard paths in order, each header checked; UsageError if there are none."""
-    paths = sorted(glob.glob(os.path.join(data_dir, dataset, f"{split}_[0-9]*.bin")))
+    """The split's (path, token count) in order, each header checked; UsageError if there are none.
+
+    Where prepare_data.py wrote a meta.json, the files must be exactly those it lists with their
+    token counts, and the val and test shards (small, and what every result rests on) must have
+    its sha256. Shards from elsewhere (llm.c, modded-nanogpt) come without one and are read as is.
+    """
+    root = os.path.join(data_dir, dataset)
+    paths = sorted(glob.glob(os.path.join(root, f"{split}_[0-9]*.bin")))
+    meta_path = os.path.join(root, "meta.json")
+    if not os.path.exists(meta_path) and os.path.isdir(os.path.join(root, ".staging")):
+        raise UsageError(f"{root} is half-prepared (prepare_data.py was stopped while moving shards); "
+                         f"re-run python prepare_data.py --dataset={dataset} with the same options")
     if not paths:
-        raise UsageError(f"no {split} shards in {os.path.join(data_dir, dataset)}; prepare them "
+        raise UsageError(f"no {split} shards in {root}; prepare them "
                          f"with: python prepare_data.py --dataset={dataset}")
-    return [(p, read_header(p)) for p in paths]
+    shards = [(p, read_header(p)) for p in paths]
+    if os.path.exists(meta_path):
+        _check_meta(meta_path, split, shards)
+    return shards
+
+
+def _check_meta(meta_path, split, shards):
+    try:
+        with open(meta_path) as f:
+            listed = json.load(f)["splits"][split]["shards"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"{meta_path} is unreadable or has no {split} split; re-run prepare_data.py") from None
+    found = [(os.path.basename(p), n) for p, n in shards]
+    if found != [(s["file"], s["tokens"]) for s in listed]:
+        raise UsageError(f"the {split} shards in {os.path.dirname(meta_path)} differ from those meta.json "
+                         "lists (files added, removed or replaced); re-run prepare_data.py")
+    if split != "train":
+        for (path, _), s in zip(shards, listed):
+            if sha256_file(path) != s["sha256"]:
+                raise UsageError(f"shard {path} does not match the sha256 in meta.json: it changed "
+                                 "after it was prepared; re-run prepare_data.py")
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def check_vocab(tokens, vocab_size, path):

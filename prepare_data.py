@@ -1,0 +1,459 @@
+"""Tokenize a corpus into checked token shards: data/NAME/{train,val,test}_NNNNNN.bin + meta.json.
+
+    python prepare_data.py --dataset=sample                          # the embedded C4 sample
+    python prepare_data.py --dataset=fineweb --max_tokens=3.26e9     # FineWeb sample-10BT (hub)
+    python prepare_data.py --dataset=mine --input='corpus/*.jsonl.gz'
+
+Stage 1 tokenizes each source file, in order, with a process pool into a cache file of its
+documents' tokens and split keys (data/NAME/.cache/); a finished file's cache is reused, so an
+interrupted run resumes where it stopped. Stage 2 assembles the caches into shards in a staging
+folder and moves them into place, meta.json last, so no half-prepared split looks complete.
+
+Splits. A document's split key is sha256 of its identity (FineWeb's `id`, else its text), as a
+number in [0, 1). Documents with key < holdout_frac are held out and never trained on; the others
+are the training split, in file order, capped at max_tokens. The test split is the held-out
+documents of the first pool files taken in key order up to test_tokens, the val split the next
+ones up to val_tokens; the pool files are the shortest prefix of the file list that holds enough
+held-out tokens. So the same document always lands in the same split, and val/test do not change
+when max_tokens (or the number of files downloaded) changes.
+"""
+
+import glob
+import gzip
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from common import UsageError, atomic_write, field, parse_config, run_main, write_json
+from data import EOT, HEADER_BYTES, MAGIC, ROOT, VERSION, get_tokenizer, sha256_file, write_shard
+
+USAGE = "--dataset=NAME [--input=PATH_OR_GLOB] [--key=value ...]"
+SAMPLE = os.path.join(ROOT, "assets", "corpus", "c4-sample-1000.jsonl.gz")
+# hub datasets: (repository, folder of the subset's parquet files)
+HUB = {"fineweb": "HuggingFaceFW/fineweb", "fineweb-edu": "HuggingFaceFW/fineweb-edu"}
+KNOWN = ["sample", *HUB]
+HUB_BUDGETS = {"val_tokens": 10 * 2**20, "test_tokens": 20 * 2**20}  # fixed, about 1.5% of a file
+HOLDOUT = {"hub": 0.05, "local": 0.1}
+BATCH_DOCS = 512  # documents per task sent to a worker
+
+
+@dataclass
+class PrepConfig:
+    dataset: str = field("", f"name of data/NAME; without --input one of {', '.join(KNOWN)}")
+    input: str = field("", "local .parquet, .jsonl, .jsonl.gz or .txt files (path or glob)")
+    text_field: str = field("text", "the text column of parquet and jsonl inputs")
+    id_field: str = field("id", "document identity column; documents without it are keyed by text")
+    subset: str = field("sample/10BT", "folder of the hub dataset's parquet files")
+    revision: str = field("main", "hub revision; the resolved commit is recorded and reused")
+    data_dir: str = field("data", "root of the prepared datasets")
+    max_tokens: int = field(0, "cap on the training split in tokens; 0: the whole corpus")
+    val_tokens: int = field(0, "val split budget; 0: 10Mi tokens (hub) or half the held-out docs (local)")
+    test_tokens: int = field(0, "test split budget; 0: 20Mi tokens (hub) or half the held-out docs (local)")
+    holdout_frac: float = field(0.0, "fraction of documents held out of training; 0: 0.05 (hub), 0.1 (local)")
+    shard_tokens: int = field(100_000_000, "tokens per shard file")
+    num_proc: int = field(0, "tokenizer processes; 0: all cores")
+    overwrite: bool = field(False, "replace a dataset prepared with other settings")
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenization (runs in the worker processes)
+
+_enc = None
+
+
+def _init_worker():
+    global _enc
+    _enc = get_tokenizer()
+
+
+def split_key(doc_id, text):
+    """64-bit split key of a document: a hash of its identity, independent of where it was read."""
+    ident = ("id:" + doc_id) if doc_id is not None else ("text:" + text)
+    return int.from_bytes(hashlib.sha256(ident.encode("utf-8", "surrogatepass")).digest()[:8], "big")
+
+
+def encode_batch(docs):
+    """[(id or None, text)] -> (uint16 tokens with EOT before each document, lengths, keys)."""
+    if _enc is None:
+        _init_worker()
+    parts, lens, keys = [], [], []
+    for doc_id, text in docs:
+        toks = _enc.encode_ordinary(text)
+        parts.append(np.array([EOT, *toks], dtype=np.uint16))
+        lens.append(len(toks) + 1)
+        keys.append(split_key(doc_id, text))
+    tokens = np.concatenate(parts) if parts else np.zeros(0, np.uint16)
+    return tokens, np.array(lens, dtype=np.int64), np.array(keys, dtype=np.uint64)
+
+
+# ----------------------------------------------------------------------------------------------
+# reading sources: each yields batches of (id or None, text)
+
+
+def read_documents(path, text_field, id_field):
+    name = os.path.basename(path)
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:
+            raise UsageError(f"{path} is not a readable parquet file ({e}); re-download or remove it") from None
+        names = pf.schema_arrow.names
+        if text_field not in names:
+            raise UsageError(f"{path} has no column {text_field!r} (columns: {', '.join(names)}); "
+                             "use --text_field=NAME")
+        cols = [text_field] + ([id_field] if id_field in names else [])
+        for batch in pf.iter_batches(batch_size=BATCH_DOCS, columns=cols):
+            texts = batch.column(text_field).to_pylist()
+            ids = batch.column(id_field).to_pylist() if id_field in names else [None] * len(texts)
+            yield [(i if i is None else str(i), t) for i, t in zip(ids, texts) if t]
+    elif path.endswith((".jsonl", ".jsonl.gz")):
+        opener = gzip.open if path.endswith(".gz") else open
+        batch = []
+        with opener(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    raise UsageError(f"{name} line {n} is not valid JSON; fix or remove the line") from None
+                if not isinstance(row, dict) or text_field not in row:
+                    raise UsageError(f"{name} line {n} has no {text_field!r} field; use --text_field=NAME")
+                if row[text_field]:
+                    doc_id = row.get(id_field)
+                    batch.append((None if doc_id is None else str(doc_id), str(row[text_field])))
+                if len(batch) == BATCH_DOCS:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+    elif path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:  # one plain-text file is one document
+            text = f.read()
+        if text:
+            yield [(None, text)]
+    else:
+        raise UsageError(f"{path}: unsupported file type; use .parquet, .jsonl, .jsonl.gz or .txt")
+
+
+# ----------------------------------------------------------------------------------------------
+# sources: local files or a hub dataset
+
+
+def local_files(pattern):
+    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+    if not paths:
+        raise UsageError(f"--input={pattern} matches no file; give a path or a quoted glob")
+    return paths
+
+
+def hub_api():
+    from huggingface_hub import HfApi  # a function, so tests can put a local fake in its place
+    return HfApi()
+
+
+def hub_download(repo, filename, revision):
+    from huggingface_hub import hf_hub_download
+    return hf_hub_download(repo, filename, repo_type="dataset", revision=revision)
+
+
+def _hub_call(repo, what, fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # offline mode, no route, DNS, HTTP errors all mean the same here
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot {what} {repo} from the Hugging Face hub ({type(e).__name__}: {reason}); "
+                         "on an offline machine copy its parquet files here and use "
+                         "--input='DIR/*.parquet' --dataset=NAME") from None
+
+
+def hub_listing(repo, subset, revision):
+    """(resolved commit, sorted parquet file names of the subset)."""
+    api = hub_api()
+    sha = _hub_call(repo, "reach", lambda: api.dataset_info(repo, revision=revision).sha)
+    names = _hub_call(repo, "list", lambda: api.list_repo_files(repo, repo_type="dataset", revision=sha))
+    prefix = subset.strip("/") + "/"
+    files = sorted(n for n in names if n.startswith(prefix) and n.endswith(".parquet"))
+    if not files:
+        raise UsageError(f"{repo} at {sha[:12]} has no parquet files under {prefix}; check --subset")
+    return sha, files
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 1: one source file -> cache of its tokens, document lengths and split keys
+
+
+def cache_paths(cache_dir, ident):
+    stem = os.path.join(cache_dir, hashlib.sha256(ident.encode()).hexdigest()[:24])
+    return stem + ".tokens", stem + ".index.npz", stem + ".json"
+
+
+def tokenize_file(path, ident, cfg, cache_dir, pool, holdout):
+    """Tokenize one file into its cache (reused when already complete); returns its summary."""
+    tok_path, idx_path, sum_path = cache_paths(cache_dir, ident)
+    if os.path.exists(sum_path):
+        with open(sum_path) as f:
+            return json.load(f)
+    from tqdm import tqdm
+    lens, keys, n_tokens, t0 = [], [], 0, time.time()
+    bar = tqdm(desc=f"tokenizing {os.path.basename(path)}", unit=" docs", disable=None)
+    with open(tok_path + ".tmp", "wb") as out:
+        batches = read_documents(path, cfg.text_field, cfg.id_field)
+        results = pool.imap(encode_batch, batches) if pool else map(encode_batch, batches)
+        for tokens, l, k in results:  # imap keeps the file's order: identical bytes on every run
+            out.write(tokens.tobytes())
+            lens.append(l)
+            keys.append(k)
+            n_tokens += tokens.size
+            bar.update(l.size)
+            bar.set_postfix(tokens=f"{n_tokens:,}", tok_per_s=f"{n_tokens / (time.time() - t0):,.0f}")
+    bar.close()
+    lens = np.concatenate(lens) if lens else np.zeros(0, np.int64)
+    keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+    atomic_write(idx_path, lambda f: np.savez(f, lens=lens, keys=keys))
+    os.replace(tok_path + ".tmp", tok_path)
+    held = keys < holdout
+    summary = {"file": ident, "docs": int(lens.size), "tokens": n_tokens,
+               "heldout_tokens": int(lens[held].sum()), "train_tokens": int(lens[~held].sum())}
+    write_json(sum_path, summary)  # written last: its presence marks a complete cache
+    print(f"tokenized {os.path.basename(path)}: {summary['docs']:,} docs, {n_tokens:,} tokens "
+          f"({n_tokens / max(time.time() - t0, 1e-9):,.0f} tokens/s)", flush=True)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 2: caches -> shards
+
+
+class ShardWriter:
+    """Appends tokens and writes `{split}_NNNNNN.bin` files of exactly shard_tokens (the last shorter)."""
+
+    def __init__(self, out_dir, split, shard_tokens):
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.buf, self.buffered, self.shards, self.tokens, self.docs = [], 0, [], 0, 0
+
+    def add(self, tokens, docs=0):
+        self.buf.append(tokens)
+        self.buffered += tokens.size
+        self.tokens += tokens.size
+        self.docs += docs
+        while self.buffered >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def _flush(self, n):
+        data = np.concatenate(self.buf)
+        self.buf, self.buffered = [data[n:]], data.size - n
+        name = f"{self.split}_{len(self.shards):06d}.bin"
+        write_shard(os.path.join(self.out_dir, name), data[:n])
+        self.shards.append({"file": name, "tokens": int(n), "sha256": sha256_file(os.path.join(self.out_dir, name))})
+
+    def close(self):
+        if self.buffered or not self.shards:
+            self._flush(self.buffered)
+        return {"documents": self.docs, "tokens": self.tokens, "shards": self.shards}
+
+
+def held_out_splits(pool, budgets, holdout):
+    """{split: [(file index, start, length)]} from the pool's (key, file index, start, length).
+
+    With budgets, test takes documents in key order up to test_tokens (the last one cut at the
+    budget), then val the next ones up to val_tokens. Without (a local corpus, proportional
+    splits), test is the held-out documents with key < holdout / 2 and val the rest, whole.
+    """
+    pool = sorted(pool)
+    if budgets is None:
+        half = int(holdout) // 2
+        out = {"test": [d[1:] for d in pool if d[0] < half], "val": [d[1:] for d in pool if d[0] >= half]}
+        for split, docs in out.items():
+            if not docs:
+                raise UsageError(f"the corpus is too small: no document falls in its {split} split; add "
+                                 "documents, raise --holdout_frac, or set --val_tokens and --test_tokens")
+        return out
+    out, docs = {}, iter(pool)
+    for split in ("test", "val"):  # test first: its documents do not depend on val_tokens
+        out[split], need = [], budgets[split]
+        while need > 0:
+            doc = next(docs, None)
+            if doc is None:
+                return None  # the pool is too small for the budgets
+            _, i, start, length = doc
+            out[split].append((i, start, min(length, need)))
+            need -= min(length, need)
+    return out
+
+
+def assemble(files, cache_dir, staging, cfg, holdout, budgets, pool_files):
+    """Write the train, test and val shards into `staging`; returns per-split summaries."""
+    train = ShardWriter(staging, "train", cfg.shard_tokens)
+    remaining = cfg.max_tokens or float("inf")
+    pool = []  # (key, file index, start, length) of held-out documents in the pool files
+    for i, ident in enumerate(files):
+        tok_path, idx_path, _ = cache_paths(cache_dir, ident)
+        tokens = np.memmap(tok_path, dtype=np.uint16, mode="r") if os.path.getsize(tok_path) else np.zeros(0, np.uint16)
+        with np.load(idx_path) as idx:
+            lens, keys = idx["lens"], idx["keys"]
+        starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+        held = keys < holdout
+        for lo in range(0, lens.size, 100_000):  # bounded memory: a slice of documents at a time
+            hi = min(lo + 100_000, lens.size)
+            if remaining <= 0:
+                break
+            span = tokens[starts[lo]:starts[hi - 1] + lens[hi - 1]] if hi > lo else tokens[:0]
+            mask = np.repeat(~held[lo:hi], lens[lo:hi])
+            chosen = np.asarray(span[mask])[: int(min(remaining, 2**62))]
+            train.add(chosen, int((~held[lo:hi]).sum()))
+            remaining -= chosen.size
+        if i < pool_files:
+            pool += [(int(keys[j]), i, int(starts[j]), int(lens[j])) for j in np.flatnonzero(held)]
+        del tokens
+    out = {"train": train.close()}
+    for split, docs in held_out_splits(pool, budgets, holdout).items():
+        writer = ShardWriter(staging, split, cfg.shard_tokens)
+        for i, start, length in docs:
+            tok_path = cache_paths(cache_dir, files[i])[0]
+            writer.add(np.fromfile(tok_path, dtype=np.uint16, count=length, offset=2 * start), 1)
+        out[split] = writer.close()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+
+
+def check_config(cfg):
+    if not cfg.dataset:
+        raise UsageError(f"--dataset is required: one of {', '.join(KNOWN)}, or any name with --input=PATH")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg.dataset):
+        raise UsageError(f"--dataset={cfg.dataset!r} is not a plain name (letters, digits, . _ -)")
+    if not cfg.input and cfg.dataset not in KNOWN:
+        raise UsageError(f"unknown dataset {cfg.dataset!r}: known are {', '.join(KNOWN)}; "
+                         "for a local corpus add --input=PATH_OR_GLOB")
+    for name in ("max_tokens", "val_tokens", "test_tokens", "num_proc"):
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"--{name} must be 0 or positive, got {getattr(cfg, name)}")
+    if cfg.shard_tokens <= 0:
+        raise UsageError(f"--shard_tokens must be positive, got {cfg.shard_tokens}")
+    if not 0 <= cfg.holdout_frac < 1:
+        raise UsageError(f"--holdout_frac must be in [0, 1), got {cfg.holdout_frac}")
+    hub = not cfg.input and cfg.dataset in HUB
+    if not hub and (cfg.val_tokens == 0) != (cfg.test_tokens == 0):
+        raise UsageError("for a local corpus set both --val_tokens and --test_tokens, or neither")
+
+
+def settings(cfg):
+    """The config fields that decide the output bytes (num_proc and overwrite do not)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("num_proc", "overwrite", "data_dir")}
+
+
+def main(argv):
+    (cfg,), _, _ = parse_config(argv, [PrepConfig], "prepare_data.py", USAGE)
+    check_config(cfg)
+    out_dir = os.path.join(cfg.data_dir, cfg.dataset)
+    meta_path = os.path.join(out_dir, "meta.json")
+    old = None
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if old.get("settings") == settings(cfg):
+            print(f"{out_dir} is already prepared with these settings (meta.json); nothing to do")
+            return
+        if not cfg.overwrite:
+            changed = [f"{k}: {old.get('settings', {}).get(k)!r} -> {v!r}" for k, v in settings(cfg).items()
+                       if old.get("settings", {}).get(k) != v]
+            raise UsageError(f"{out_dir} was prepared with other settings ({'; '.join(changed)}); "
+                             "use another --dataset name, or --overwrite to replace it")
+
+    hub = not cfg.input and cfg.dataset in HUB
+    holdout_frac = cfg.holdout_frac or HOLDOUT["hub" if hub else "local"]
+    holdout = np.uint64(int(holdout_frac * 2**64))
+    if hub:
+        repo = HUB[cfg.dataset]
+        revision = cfg.revision
+        if revision == "main" and old and old.get("source", {}).get("revision_sha"):
+            revision = old["source"]["revision_sha"]  # pinned at first preparation
+        sha, names = hub_listing(repo, cfg.subset, revision)
+        source = {"kind": "hub", "repo": repo, "subset": cfg.subset, "revision": cfg.revision, "revision_sha": sha}
+        budgets = {k.split("_")[0]: getattr(cfg, k) or HUB_BUDGETS[k] for k in HUB_BUDGETS}
+        fetch = lambda name: hub_download(repo, name, sha)
+        idents = [f"{repo}@{sha}/{n}" for n in names]
+    else:
+        paths = [SAMPLE] if not cfg.input else local_files(cfg.input)
+        source = {"kind": "local", "input": cfg.input or os.path.relpath(SAMPLE, ROOT)}
+        budgets = {"val": cfg.val_tokens, "test": cfg.test_tokens}  # 0: proportional, decided below
+        names = paths
+        fetch = lambda path: path
+        # a local file's cache is keyed by its content, so an edited file is tokenized again
+        idents = [f"{os.path.basename(p)}@{sha256_file(p)}" for p in paths]
+    keyed = [f"{i}|{cfg.text_field}|{cfg.id_field}" for i in idents]  # caches depend on these too
+
+    cache_dir = os.path.join(out_dir, ".cache")
+    os.makedirs(cache_dir, exist_ok=True)
+    num_proc = cfg.num_proc or os.cpu_count() or 1
+    proportional = budgets["val"] == 0
+    summaries, train_tokens, held, pool_files = [], 0, [], None
+    pool = multiprocessing.Pool(num_proc, initializer=_init_worker) if num_proc > 1 else None
+    try:
+        for i, (name, ident) in enumerate(zip(names, keyed)):
+            enough_train = cfg.max_tokens and train_tokens >= cfg.max_tokens
+            if enough_train and pool_files is not None:
+                break
+            summary = tokenize_file(fetch(name), ident, cfg, cache_dir, pool, holdout)
+            summaries.append({**summary, "file": os.path.basename(name)})
+            train_tokens += summary["train_tokens"]
+            if pool_files is None:  # is the prefix read so far enough for the val and test budgets?
+                with np.load(cache_paths(cache_dir, ident)[1]) as idx:
+                    held += [(int(k), i, 0, int(n)) for k, n in zip(idx["keys"], idx["lens"]) if k < holdout]
+                if not proportional and held_out_splits(held, budgets, holdout) is not None:
+                    pool_files = i + 1
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    if sum(s["tokens"] for s in summaries) == 0:
+        raise UsageError(f"the corpus {source.get('input') or source.get('repo')} holds no documents")
+    if proportional:
+        pool_files, budgets = len(summaries), None
+    if pool_files is None:
+        raise UsageError(f"the corpus holds {sum(d[3] for d in held):,} held-out tokens (holdout_frac {holdout_frac}), "
+                         f"fewer than val_tokens + test_tokens = {budgets['val'] + budgets['test']:,}; lower "
+                         "them, raise --holdout_frac, or add documents")
+
+    staging = os.path.join(out_dir, ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    splits = assemble(keyed[:len(summaries)], cache_dir, staging, cfg, holdout, budgets, pool_files)
+    # swap the staged shards in; meta.json is written last and marks a complete dataset
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
+    for old_shard in glob.glob(os.path.join(out_dir, "*_[0-9]*.bin")):
+        os.remove(old_shard)
+    for name in sorted(os.listdir(staging)):
+        os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    os.rmdir(staging)
+    import tiktoken
+    meta = {
+        "format": {"magic": MAGIC, "version": VERSION, "header_bytes": HEADER_BYTES, "dtype": "uint16"},
+        "source": source, "settings": settings(cfg),
+        "files": summaries, "pool_files": pool_files,
+        "tokenizer": {"name": "gpt2", "library": f"tiktoken {tiktoken.__version__}", "eot": EOT,
+                      "document_prefix": "eot", "method": "encode_ordinary"},
+        "split_rule": {"key": "sha256('id:'+id or 'text:'+text)[:8] / 2**64", "holdout_frac": holdout_frac,
+                       "test_then_val_in_key_order": True},
+        "splits": splits,
+    }
+    write_json(meta_path, meta)
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    print(f"prepared {out_dir}: " + ", ".join(
+        f"{s} {v['documents']:,} docs {v['tokens']:,} tokens in {len(v['shards'])} shard(s)" for s, v in splits.items()))
+
+
+if __name__ == "__main__":
+    run_main(main)
