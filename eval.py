@@ -1,14 +1,45 @@
 """Held-out loss: the exact token-weighted mean over fixed, non-overlapping windows of a split.
 
+    python eval.py MODEL [--dataset=fineweb] [--split=test] [--eval_tokens=N] [--json] ...
+    python eval.py MODEL --export_hf=DIR
+    torchrun --standalone --nproc_per_node=8 eval.py MODEL
+
+MODEL is a checkpoint, a run directory, a Hugging Face GPT-2 directory or hub id (load.py), so our
+runs and the original GPT-2 weights are scored by the same code on the same tokens.
 `evaluate` is the one function that scores a model; train.py's periodic validation calls it too.
 """
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import autocast
-from data import read_windows
+from common import (UsageError, autocast, field, git_commit, parse_config, print0, run_main, set_tf32,
+                    setup_dist, teardown_dist, write_json)
+from data import eval_windows, find_shards, read_windows
+from load import check_new_dir, export_hf, load_model
+
+USAGE = "MODEL [--key=value ...]   (MODEL: ckpt.pt, run directory, Hugging Face directory or hub id)"
+
+
+@dataclass
+class EvalConfig:
+    dataset: str = field("fineweb", "dataset directory under data_dir (made by prepare_data.py)")
+    data_dir: str = field("data", "root of the prepared datasets")
+    split: str = field("test", "which split to score", choices=("train", "val", "test"))
+    eval_tokens: int = field(0, "token budget: the first eval_tokens // block_size windows; 0: the whole split")
+    batch_size: int = field(8, "sequences per forward pass (speed only: the windows are fixed)")
+    dtype: str = field("float32", "autocast dtype; float32 (no TF32) gives the reference numbers",
+                       choices=("float32", "bfloat16", "float16"))
+    device: str = field("auto", "auto, cpu, cuda or cuda:N")
+    json: bool = field(False, "print the result as one JSON object instead of a line")
+    ledger: str = field("results.jsonl", "results ledger that gets one row per evaluation; empty: none")
+    export_hf: str = field("", "write MODEL to this new directory in the Hugging Face GPT-2 format, then exit")
 
 
 @torch.no_grad()
@@ -39,3 +70,68 @@ def evaluate(model, windows, batch_size, device, dtype="float32", rank=0, world_
     loss_sum, tokens = total.tolist()
     return loss_sum / tokens, int(tokens)
 
+
+def main(argv):
+    (ec,), positionals, _ = parse_config(argv, [EvalConfig], "eval.py", USAGE, max_positionals=1)
+    if not positionals:
+        raise UsageError(f"which model? usage: eval.py {USAGE}")
+    if ec.eval_tokens < 0 or ec.batch_size <= 0:
+        raise UsageError("--eval_tokens must be >= 0 and --batch_size positive")
+    spec = positionals[0]
+    if ec.export_hf:
+        check_new_dir(ec.export_hf)  # before loading: a refusal costs nothing
+        model, _ = load_model(spec)
+        export_hf(model, ec.export_hf)
+        print(f"wrote {ec.export_hf}: transformers.GPT2LMHeadModel.from_pretrained({ec.export_hf!r}) loads it")
+        return
+    d = setup_dist(ec.device)
+    try:
+        shards = find_shards(ec.data_dir, ec.dataset, ec.split)  # before a model download: fail fast
+        model, info = load_model(spec, d.device)
+        windows = eval_windows(shards, model.config.block_size, ec.eval_tokens)
+        set_tf32(False)  # float32 means float32: TF32 matmuls would move the sixth decimal
+        t0 = time.time()
+        loss, tokens = evaluate(model, windows, ec.batch_size, d.device, ec.dtype, d.rank, d.world_size)
+        seconds = time.time() - t0
+        row = {**info, "dataset": ec.dataset, "split": ec.split, "eval_tokens": ec.eval_tokens,
+               "dtype": ec.dtype, "loss": loss, "ppl": math.exp(loss), "tokens": tokens,
+               "seconds": round(seconds, 3), "batch_size": ec.batch_size, "device": d.device,
+               "world_size": d.world_size, "git_commit": git_commit(),
+               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if d.master:
+            record(row, ec.ledger)
+        print0(json.dumps(row) if ec.json else
+               f"{ec.dataset}/{ec.split} loss {loss:.6f} ppl {row['ppl']:.2f} tokens {tokens:,} "
+               f"model {info['model']} ({duration(seconds)})")
+    finally:
+        teardown_dist()
+
+
+def record(row, ledger):
+    """Append to the ledger; for one of our runs also keep the latest result per split in eval.json."""
+    if ledger:
+        with open(ledger, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    run_dir = os.path.dirname(row["checkpoint"]) if row["source"] == "checkpoint" else None
+    if run_dir is not None and os.path.isfile(os.path.join(run_dir, "config.json")):  # train.py wrote it
+        path = os.path.join(run_dir, "eval.json")
+        results = {}
+        if os.path.isfile(path):
+            with open(path) as f:
+                results = json.load(f)
+        results[f"{row['dataset']}/{row['split']}"] = row
+        write_json(path, results)
+
+
+def duration(seconds):
+    """2m13s style."""
+    s = round(seconds)
+    if s < 60:
+        return f"{seconds:.1f}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+if __name__ == "__main__":
+    run_main(main)

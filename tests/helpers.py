@@ -46,3 +46,24 @@ def read_metrics(out_dir):
 def curve(out_dir, keys=("step", "tokens", "loss", "lr", "grad_norm", "clipped")):
     """The run's logged values without timings, for exact comparisons between runs."""
     return [{k: r[k] for k in keys if k in r} for r in read_metrics(out_dir) if "loss" in r]
+
+
+def tiny_run(data_dir, out_dir, **overrides):
+    """A 2-step tiny run of train.py; returns its checkpoint path."""
+    import train
+    train.main(tiny_flags(data_dir, str(out_dir), **{"max_iters": 2, "total_batch_size": 128, **overrides}))
+    return os.path.join(str(out_dir), "ckpt.pt")
+
+
+def tiny_hf(path, vocab=VOCAB, tie=True, seed=0):
+    """A tiny transformers GPT-2 saved with save_pretrained; every weight random (biases too)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                    tie_word_embeddings=tie))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.2)
+    hf.save_pretrained(str(path))
+    return hf.eval()
