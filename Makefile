@@ -1,4 +1,4 @@
-# `make demo`: a fresh machine to a trained, evaluated model on the CPU in a few minutes.
+# `make demo`: a fresh machine to a trained, evaluated and sampled model on the CPU in minutes.
 # `make test`: the whole test suite on the CPU.
 PYTHON ?= python3
 VENV := .venv
@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 # torch is installed first, pinned to the CPU build that CI uses; on a GPU machine use e.g.
 # `make demo TORCH=torch` (or install requirements.txt into your own environment).
 TORCH ?= torch==2.13.0
+DEMO := out/demo
 
 .PHONY: test demo clean
 
@@ -21,6 +22,14 @@ $(VENV)/.dev: $(VENV)/.installed requirements-dev.txt
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q tests
+
+# The demo's runs live in out/demo/, which it replaces on every call; other runs are untouched.
+demo: $(VENV)/.installed
+	$(BIN)/python prepare_data.py --dataset=sample
+	rm -rf $(DEMO)
+	$(BIN)/python train.py config/tiny.toml --out_dir=$(DEMO)/tiny
+	$(BIN)/python eval.py $(DEMO)/tiny --dataset=sample --split=test --ledger=$(DEMO)/results.jsonl
+	$(BIN)/python sample.py $(DEMO)/tiny --num_samples=3 --max_new_tokens=30
 
 clean:
 	rm -rf $(VENV) out
