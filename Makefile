@@ -1,4 +1,4 @@
-# `make demo`: a fresh machine to a trained, evaluated and sampled model on the CPU in minutes.
+# `make demo`: a fresh machine to two trained, evaluated, compared tiny models on the CPU in minutes.
 # `make test`: the whole test suite on the CPU.
 PYTHON ?= python3
 VENV := .venv
@@ -29,7 +29,10 @@ demo: $(VENV)/.installed
 	rm -rf $(DEMO)
 	$(BIN)/python train.py config/tiny.toml --out_dir=$(DEMO)/tiny
 	$(BIN)/python eval.py $(DEMO)/tiny --dataset=sample --split=test --ledger=$(DEMO)/results.jsonl
-	$(BIN)/python sample.py $(DEMO)/tiny --num_samples=3 --max_new_tokens=30
+	$(BIN)/python train.py config/tiny.toml config/best.toml --out_dir=$(DEMO)/tiny-best
+	$(BIN)/python eval.py $(DEMO)/tiny-best --dataset=sample --split=test --ledger=$(DEMO)/results.jsonl
+	$(BIN)/python sample.py $(DEMO)/tiny-best --num_samples=3 --max_new_tokens=30
+	$(BIN)/python compare.py $(DEMO)/tiny $(DEMO)/tiny-best --charts=$(DEMO)/charts
 
 clean:
 	rm -rf $(VENV) out

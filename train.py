@@ -76,6 +76,7 @@ class TrainConfig:
     eval_batch_size: int = field(0, "sequences per evaluation batch; 0: batch_size")
     checkpoint_interval: int = field(500, "steps between checkpoints (one is always written at the end)")
     keep_checkpoints: int = field(0, "also keep the last N checkpoints as ckpt_STEP.pt; 0: only ckpt.pt")
+    charts: bool = field(True, "draw the run's curves as PNG files in out_dir/charts/ when it finishes")
 
 
 POSITIVE = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "log_interval",
@@ -85,7 +86,7 @@ POSITIVE = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_si
 RUNTIME_FIELDS = {"resume", "out_dir", "run_name", "data_dir", "batch_size",
                   "gradient_accumulation_steps", "compile", "device", "log_interval",
                   "eval_interval", "eval_batch_size", "checkpoint_interval", "keep_checkpoints",
-                  "nonfinite"}
+                  "nonfinite", "charts"}
 # max_iters/max_tokens are not among them: the cosine schedule of the remaining steps depends on them.
 
 
@@ -367,6 +368,9 @@ def train(mc, tc, ckpt, d):
                     f"saved. Resume with: python train.py --resume --out_dir={tc.out_dir}")
             return
     run.log(f"done: {plan.max_steps} steps, checkpoint {os.path.join(tc.out_dir, 'ckpt.pt')}")
+    if tc.charts and d.master:  # last, after the checkpoint: drawing can cost the run nothing
+        from charts import plot_run  # lazily: matplotlib only loads for a finished run
+        run.log(f"charts: {', '.join(plot_run(tc.out_dir))}")
 
 
 def _diverged(run, tc, step):

@@ -67,3 +67,27 @@ def tiny_hf(path, vocab=VOCAB, tie=True, seed=0):
             p.normal_(0.0, 0.2)
     hf.save_pretrained(str(path))
     return hf.eval()
+
+
+def fake_run(root, name, test_loss=None, rows=(), world_size=1, **config):
+    """A run directory as train.py and eval.py leave it, with made-up numbers (compare/sweep tests).
+
+    config overrides train.py's defaults; rows are metrics.jsonl rows; test_loss goes to eval.json.
+    """
+    import dataclasses
+    from model import GPTConfig
+    from train import TrainConfig
+    mc = {f.name: config.pop(f.name, f.default) for f in dataclasses.fields(GPTConfig)}
+    tc = {f.name: config.pop(f.name, f.default) for f in dataclasses.fields(TrainConfig)}
+    assert not config, f"unknown fields {config}"
+    out = os.path.join(str(root), name)
+    os.makedirs(out)
+    tc.update(run_name=name, out_dir=out)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({"model": mc, "train": tc, "env": {"world_size": world_size}}, f)
+    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    if test_loss is not None:
+        with open(os.path.join(out, "eval.json"), "w") as f:
+            json.dump({f"{tc['dataset']}/test": {"loss": test_loss, "tokens": 1024}}, f)
+    return out

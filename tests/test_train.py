@@ -66,7 +66,7 @@ def test_loss_starts_near_ln_vocab_and_falls(data_dir, tmp_path):
 
 def test_run_directory_contents(data_dir, tmp_path):
     out = run(data_dir, tmp_path / "run", max_iters=4)
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "config.json", "log.txt", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["charts", "ckpt.pt", "config.json", "log.txt", "metrics.jsonl"]
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))  # plain data: weights_only=True loads it
     assert ckpt["step"] == 4 and ckpt["tokens"] == 4 * 256
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])

@@ -1,0 +1,106 @@
+"""Training curves as PNG files: one run's at the end of training, or many runs on shared axes.
+
+matplotlib is imported inside the functions (Agg backend, no display), so importing this module,
+or train.py, costs nothing until a chart is drawn.
+"""
+
+import json
+import os
+
+SMOOTHING = 0.9  # EMA weight of the smoothed train loss (TensorBoard's default look)
+CHARTS = ("train_loss", "val_loss", "lr", "grad_norm", "tok_per_s")
+
+
+def read_run(run_dir):
+    """(name, metrics rows, grad_clip) of one run directory written by train.py."""
+    with open(os.path.join(run_dir, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    name = config["train"].get("run_name") or os.path.basename(os.path.normpath(run_dir))
+    return name, rows, config["train"].get("grad_clip", 0.0)
+
+
+def smooth(values, weight=SMOOTHING):
+    """Exponential moving average, bias-corrected so the first points are not pulled to 0."""
+    weight = min(weight, 1 - 10 / max(len(values), 10))  # a short run: about 10 points of memory, not all lag
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** i))
+    return out
+
+
+def _series(rows, key):
+    pts = [(r["tokens"], r[key]) for r in rows if r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def draw(runs):
+    """One matplotlib Figure per chart in CHARTS for runs = [(name, rows, grad_clip), ...]."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = {}
+    for chart in CHARTS:
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+        figs[chart] = (fig, ax)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, rows, clip) in enumerate(runs):
+        c = colors[i % len(colors)]
+        x, y = _series(rows, "loss")
+        ax = figs["train_loss"][1]
+        ax.plot(x, y, color=c, alpha=0.3, linewidth=0.8, label=f"{name} (raw)")
+        ax.plot(x, smooth(y), color=c, linewidth=1.6, label=f"{name} (smoothed)")
+        x, y = _series(rows, "val_loss")
+        figs["val_loss"][1].plot(x, y, color=c, marker="o", markersize=3, label=name)
+        x, y = _series(rows, "lr")
+        figs["lr"][1].plot(x, y, color=c, label=name)
+        x, y = _series(rows, "grad_norm")
+        ax = figs["grad_norm"][1]
+        ax.plot(x, y, color=c, linewidth=0.9, label=f"{name} (pre-clip norm)")
+        if clip > 0:
+            ax.axhline(clip, color=c, linestyle="--", linewidth=1, label=f"{name} clip threshold {clip:g}")
+            hits = [(r["tokens"], r["grad_norm"]) for r in rows if r.get("clipped")]
+            if hits:
+                ax.plot(*zip(*hits), linestyle="none", marker="x", color=c,
+                        label=f"{name} clipped steps ({len(hits)} logged)")
+        x, y = _series(rows, "tok_per_s")
+        figs["tok_per_s"][1].plot(x, y, color=c, label=name)
+    labels = {
+        "train_loss": ("Train loss", "cross-entropy (nats/token)"),
+        "val_loss": ("Validation loss (fixed tokens)", "cross-entropy (nats/token)"),
+        "lr": ("Learning rate", "learning rate (per step)"),
+        "grad_norm": ("Gradient norm before clipping", "global L2 norm"),
+        "tok_per_s": ("Training throughput", "tokens/s"),
+    }
+    for chart, (fig, ax) in figs.items():
+        title, ylabel = labels[chart]
+        ax.set_title(title)
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+    return {chart: fig for chart, (fig, _) in figs.items()}
+
+
+def save(runs, out_dir):
+    """Write CHARTS as out_dir/NAME.png; returns {path: [series labels]} of what was drawn."""
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    drawn = {}
+    for chart, fig in draw(runs).items():
+        path = os.path.join(out_dir, f"{chart}.png")
+        fig.savefig(path)
+        drawn[path] = [line.get_label() for line in fig.axes[0].get_lines()]
+        plt.close(fig)
+    return drawn
+
+
+def plot_run(run_dir):
+    """A finished run's own charts, in run_dir/charts/; returns the paths written."""
+    return list(save([read_run(run_dir)], os.path.join(run_dir, "charts")))

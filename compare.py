@@ -1,0 +1,226 @@
+"""Compare runs: test losses, deltas from a baseline, the run-to-run noise, and verdicts.
+
+    python compare.py out/base-* out/gc-* [--baseline=RUN] [--markdown] [--usd_per_hour=2.5]
+                      [--charts=DIR] [--noise_from=RUN]
+
+A run's interventions are its config's differences from the baseline's. Runs whose configs differ
+only in seed or data_seed form a replicate group (mean, std, n); each group's delta from the
+baseline group gets a 95% interval and a verdict from the test its sample sizes allow (stats.py).
+"""
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+
+from common import UsageError, field, parse_config, run_main
+from stats import compare, summary
+from train import RUNTIME_FIELDS
+
+USAGE = "RUN_DIR_OR_GLOB... [--key=value ...]"
+IGNORED = RUNTIME_FIELDS | {"charts"}  # change how, not what, a run computes
+REPLICATE = {"seed", "data_seed"}       # differ between replicates of one configuration
+
+
+@dataclass
+class CompareConfig:
+    baseline: str = field("", "baseline run (its name or directory); default: the first run given")
+    markdown: bool = field(False, "print Markdown tables, ready to paste into interventions.md")
+    usd_per_hour: float = field(0.0, "price of one GPU-hour: adds a cost column; 0: no cost column")
+    charts: str = field("", "also draw the runs' curves on shared axes as PNG files in this directory")
+    noise_from: str = field("", "a run whose replicate group's std judges groups without replicates; "
+                                "default: the baseline's group")
+
+
+@dataclass
+class Run:
+    name: str
+    dir: str
+    config: dict         # model and train fields, flattened
+    rows: list           # metrics.jsonl
+    loss: float | None   # the test loss, else the last validation loss
+    source: str          # "test" or "val" (no test evaluation yet)
+    test_tokens: int | None
+    world_size: int
+
+    def last(self, key):
+        return next((r[key] for r in reversed(self.rows) if r.get(key) is not None), None)
+
+    @property
+    def wall_s(self):
+        """Training time: each logged row's dt_ms covers the steps since the row before it."""
+        total, prev = 0.0, 0
+        for r in self.rows:
+            if "dt_ms" in r:
+                total += r["dt_ms"] / 1000 * (r["step"] - prev)
+                prev = r["step"]
+        return total
+
+
+def load_run(run_dir):
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            meta = json.load(f)
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{run_dir} is not a readable run directory ({e})") from None
+    config = {**meta["model"], **meta["train"]}
+    name = config.get("run_name") or os.path.basename(os.path.normpath(run_dir))
+    test, tokens = None, None
+    eval_path = os.path.join(run_dir, "eval.json")
+    if os.path.isfile(eval_path):
+        with open(eval_path) as f:
+            row = json.load(f).get(f"{config['dataset']}/test")  # eval.py's key: dataset/split
+        if row:
+            test, tokens = row["loss"], row["tokens"]
+    run = Run(name, run_dir, config, rows, test, "test", tokens, meta.get("env", {}).get("world_size", 1))
+    if test is None:
+        run.loss, run.source = run.last("val_loss"), "val"
+    return run
+
+
+def load_runs(patterns):
+    """Runs from directories and globs (a glob skips what is not a run; a named directory must be one)."""
+    dirs = []
+    for p in patterns:
+        matches = sorted(glob.glob(p)) if glob.has_magic(p) else [p]
+        matches = [m for m in matches if not glob.has_magic(p) or os.path.isfile(os.path.join(m, "config.json"))]
+        if not matches:
+            raise UsageError(f"no run directories match {p!r}")
+        dirs += [m for m in matches if os.path.normpath(m) not in map(os.path.normpath, dirs)]
+    return [load_run(d) for d in dirs]
+
+
+def fmt(value):
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def diff(config, base):
+    """`k=v, ...` of the fields that change what a run computes (not seeds), in field order."""
+    keys = [k for k in {**base, **config} if k not in IGNORED | REPLICATE]
+    return ", ".join(f"{k}={fmt(config.get(k))}" for k in keys if config.get(k) != base.get(k))
+
+
+def group_key(config):
+    return tuple(sorted((k, v) for k, v in config.items() if k not in IGNORED | REPLICATE))
+
+
+def find(runs, spec, flag):
+    for r in runs:
+        if spec in (r.name, r.dir) or os.path.normpath(spec) == os.path.normpath(r.dir):
+            return r
+    raise UsageError(f"--{flag}={spec}: no such run among {', '.join(r.name for r in runs)}")
+
+
+@dataclass
+class Group:
+    label: str
+    runs: list
+
+    @property
+    def losses(self):
+        return [r.loss for r in self.runs if r.loss is not None]
+
+
+def group_runs(runs, baseline):
+    """Replicate groups, the baseline's first, then in the order their runs were given."""
+    groups = {}
+    for r in sorted(runs, key=lambda r: group_key(r.config) != group_key(baseline.config)):
+        label = diff(r.config, baseline.config) or "baseline"
+        groups.setdefault(group_key(r.config), Group(label, [])).runs.append(r)
+    return list(groups.values())
+
+
+def table(headers, rows, markdown):
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows])
+
+
+def hms(seconds):
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def run_table(runs, baseline, base_mean, cc):
+    headers = ["run", "interventions", "seed", "test loss", "delta", "train loss", "tokens", "wall", "tok/s"]
+    headers += ["cost (USD)"] if cc.usd_per_hour else []
+    rows = []
+    for r in runs:
+        seed = f"{r.config.get('seed')}" + (f"/d{r.config['data_seed']}" if r.config.get("data_seed") else "")
+        loss = "n/a" if r.loss is None else f"{r.loss:.6f}" + ("" if r.source == "test" else " (val)")
+        delta = "" if r.loss is None or base_mean is None else f"{r.loss - base_mean:+.6f}"
+        train, tokens, wall = r.last("loss"), r.last("tokens") or 0, r.wall_s
+        row = [r.name, diff(r.config, baseline.config) or "baseline", seed, loss, delta,
+               f"{train:.4f}" if train is not None else "n/a", f"{tokens:,}", hms(wall),
+               f"{tokens / wall:,.0f}" if wall else "n/a"]
+        row += [f"{wall / 3600 * r.world_size * cc.usd_per_hour:.2f}"] if cc.usd_per_hour else []
+        rows.append(row)
+    return table(headers, rows, cc.markdown)
+
+
+def group_table(groups, noise, cc):
+    headers = ["group", "interventions", "n", "mean", "std", "delta", "95% interval", "verdict", "test"]
+    base = groups[0].losses
+    rows = []
+    for g in groups:
+        if not g.losses:
+            continue
+        mean, std, n = summary(g.losses)
+        std_s = f"{std:.6f}" if std is not None else "n/a"
+        head = [g.runs[0].name + (f" +{n - 1}" if n > 1 else ""), g.label, str(n), f"{mean:.6f}", std_s]
+        if g is groups[0]:
+            rows.append(head + ["", "", "baseline", ""])
+            continue
+        c = compare(g.losses, base, noise)
+        interval = f"[{c.low:+.6f}, {c.high:+.6f}]" if c.low is not None else "n/a"
+        rows.append(head + [f"{c.delta:+.6f}", interval, c.verdict, c.test])
+    return table(headers, rows, cc.markdown)
+
+
+def notes(runs):
+    out = []
+    if any(r.source == "val" for r in runs):
+        out.append("(val): no test evaluation in the run's eval.json; the last validation loss stands in "
+                   "(run `python eval.py RUN_DIR --dataset=...` for the test loss)")
+    budgets = {(r.config["dataset"], r.test_tokens) for r in runs if r.source == "test"}
+    if len(budgets) > 1:
+        out.append("warning: test losses come from different datasets or token budgets: "
+                   + ", ".join(f"{d}/{t}" for d, t in sorted(budgets)))
+    if any(r.loss is None for r in runs):
+        out.append("n/a: a run with neither a test nor a validation loss")
+    return out
+
+
+def main(argv):
+    (cc,), patterns, _ = parse_config(argv, [CompareConfig], "compare.py", USAGE, max_positionals=10 ** 6)
+    if not patterns:
+        raise UsageError(f"which runs? usage: compare.py {USAGE}")
+    runs = load_runs(patterns)
+    baseline = find(runs, cc.baseline, "baseline") if cc.baseline else runs[0]
+    groups = group_runs(runs, baseline)
+    noise = None
+    source = find(runs, cc.noise_from, "noise_from") if cc.noise_from else baseline
+    ng = next(g for g in groups if source in g.runs)
+    if len(ng.losses) >= 2:
+        noise = (summary(ng.losses)[1], len(ng.losses), ng.label)
+    elif cc.noise_from:
+        raise UsageError(f"--noise_from={cc.noise_from}: its group has {len(ng.losses)} run(s); "
+                         "replicates (other seeds) are needed to measure the noise")
+    base_mean = summary(groups[0].losses)[0] if groups[0].losses else None
+    print(run_table(runs, baseline, base_mean, cc))
+    print()
+    print(group_table(groups, noise, cc))
+    for line in notes(runs):
+        print(line)
+    if cc.charts:
+        from charts import save
+        drawn = save([(r.name, r.rows, r.config.get("grad_clip", 0.0)) for r in runs], cc.charts)
+        print(f"charts: {', '.join(drawn)}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,136 @@
+"""compare.py, stats.py and charts.py: tables, noise floor, verdicts and charts."""
+
+import json
+import math
+import os
+
+import pytest
+
+import charts
+import compare
+import eval as eval_script
+import stats
+import train
+from common import UsageError
+from helpers import fake_run, make_shards, tiny_flags
+
+
+@pytest.mark.parametrize("df, q", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (5, 2.5706), (10, 2.2281),
+                                   (30, 2.0423), (math.inf, 1.9600)])
+def test_t_quantiles_match_the_published_table(df, q):
+    assert stats.t_quantile(0.975, df) == pytest.approx(q, abs=1e-4)
+
+
+def test_welch_interval_by_hand():
+    a, b = [3.60, 3.62, 3.64], [3.70, 3.71, 3.72]
+    c = stats.welch(a, b)
+    va, vb = 0.02 ** 2 / 3, 0.01 ** 2 / 3
+    df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 2)
+    half = stats.t_quantile(0.975, df) * math.sqrt(va + vb)
+    assert c.delta == pytest.approx(-0.09) and c.high == pytest.approx(-0.09 + half)
+    assert c.verdict == "better" and c.test == f"Welch t, n=3 vs 3, df={df:.1f}"
+
+
+def test_bootstrap_once_n_allows():
+    a, b = [3.6 + 0.001 * i for i in range(12)], [3.7 + 0.001 * i for i in range(12)]
+    c = stats.compare(a, b)
+    assert c.test.startswith("bootstrap") and "n=12 vs 12" in c.test and c.verdict == "better"
+    assert c.low < -0.1 < c.high
+
+
+def replicates(root, prefix, mean, spread, **config):
+    for i, eps in enumerate((-spread, 0.0, spread)):
+        fake_run(root, f"{prefix}-s{i}", mean + eps, seed=1337 + i, **config)
+
+
+@pytest.mark.parametrize("spread, verdict", [(0.03, "within noise"), (0.01, "within noise"), (0.002, "better")])
+def test_verdict_flips_to_better_as_the_replicate_spread_shrinks(tmp_path, capsys, spread, verdict):
+    replicates(tmp_path, "base", 3.700, spread)
+    replicates(tmp_path, "gc", 3.690, spread, grad_clip=3.5)
+    compare.main([str(tmp_path / "base-*"), str(tmp_path / "gc-*")])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("gc-s0 +2"))
+    assert "grad_clip=3.5" in row and f"{spread:.6f}" in row and "-0.010000" in row
+    assert verdict in row and "Welch t, n=3 vs 3" in row
+
+
+def test_single_runs_are_judged_with_another_groups_noise(tmp_path, capsys):
+    fake_run(tmp_path, "base", 3.70)
+    fake_run(tmp_path, "qkv", 3.60, qkv_bias=True)
+    replicates(tmp_path, "wd", 3.65, 0.005, weight_decay=0.01)
+    compare.main([str(tmp_path / "base"), str(tmp_path / "qkv"), str(tmp_path / "wd-*"), "--noise_from=wd-s1"])
+    out = capsys.readouterr().out
+    row = [line for line in out.splitlines() if line.startswith("qkv ")][-1]  # the groups table
+    assert "better" in row and "t with std of weight_decay=0.01 (n=3), n=1 vs 1" in row
+    compare.main([str(tmp_path / "base"), str(tmp_path / "qkv")])
+    assert "no noise estimate" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="replicates"):
+        compare.main([str(tmp_path / "base"), str(tmp_path / "qkv"), "--noise_from=qkv"])
+
+
+def test_runtime_fields_do_not_make_an_intervention(tmp_path, capsys):
+    rows = [{"step": 10, "tokens": 1000, "loss": 4.0, "dt_ms": 100.0},
+            {"step": 20, "tokens": 2000, "loss": 3.9, "dt_ms": 300.0}]  # wall: 1 s + 3 s
+    fake_run(tmp_path, "a", 3.7, rows=rows, world_size=2)
+    fake_run(tmp_path, "b", 3.8, rows=rows, seed=7, batch_size=4, device="cpu", compile=False, charts=False,
+             log_interval=5, weight_decay=0.0)
+    compare.main([str(tmp_path / "*"), "--usd_per_hour=3600", "--baseline=a"])
+    lines = capsys.readouterr().out.splitlines()
+    a, b = lines[1].split(), lines[2].split()
+    assert a == ["a", "baseline", "1337", "3.700000", "+0.000000", "3.9000", "2,000", "0:00:04", "500", "8.00"]
+    assert b[:5] == ["b", "weight_decay=0", "7", "3.800000", "+0.100000"] and b[-1] == "4.00"
+
+
+def test_missing_runs_are_usage_errors(tmp_path):
+    with pytest.raises(UsageError, match="no run directories match"):
+        compare.main([str(tmp_path / "nothing-*")])
+    with pytest.raises(UsageError, match="not a readable run directory"):
+        compare.main([str(tmp_path)])
+
+
+@pytest.fixture(scope="module")
+def real_runs(tmp_path_factory):
+    """Two real tiny runs, one clipping hard, both evaluated on the test split by eval.py."""
+    root = tmp_path_factory.mktemp("real")
+    data = make_shards(root / "data", train=(4_000,))
+    dirs = []
+    for name, extra in (("base", {}), ("clip", {"grad_clip": 0.3})):
+        out = str(root / name)
+        train.main(tiny_flags(data, out, max_iters=6, eval_interval=3, run_name=name, **extra))
+        eval_script.main([out, f"--data_dir={data}", "--dataset=syn", f"--ledger={root / 'results.jsonl'}"])
+        dirs.append(out)
+    return dirs
+
+
+def test_table_and_markdown_on_real_runs(real_runs, tmp_path, capsys):
+    capsys.readouterr()
+    compare.main([*real_runs, "--markdown", f"--charts={tmp_path / 'charts'}"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "| run | interventions | seed | test loss | delta | train loss | tokens | wall | tok/s |"
+    assert out[1] == "|---|---|---|---|---|---|---|---|---|"
+    losses = []
+    for d in real_runs:
+        with open(os.path.join(d, "eval.json")) as f:
+            losses.append(json.load(f)["syn/test"]["loss"])
+    base, clip = out[2].split(" | "), out[3].split(" | ")
+    assert base[:5] == ["| base", "baseline", "1337", f"{losses[0]:.6f}", "+0.000000"]
+    assert clip[:5] == ["| clip", "grad_clip=0.3", "1337", f"{losses[1]:.6f}", f"{losses[1] - losses[0]:+.6f}"]
+    assert clip[6] == "1,536"  # 6 steps x 256 tokens
+    assert "no noise estimate" in out[-2] and out[-1].startswith("charts: ")
+    for name in charts.CHARTS:
+        with open(tmp_path / "charts" / f"{name}.png", "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_charts_draw_one_series_per_run_and_mark_clipping(real_runs, tmp_path):
+    runs = [charts.read_run(d) for d in real_runs]
+    drawn = charts.save(runs, str(tmp_path))
+    series = {os.path.basename(p): labels for p, labels in drawn.items()}
+    assert series["train_loss.png"] == ["base (raw)", "base (smoothed)", "clip (raw)", "clip (smoothed)"]
+    assert series["val_loss.png"] == ["base", "clip"] and series["lr.png"] == ["base", "clip"]
+    clipped = sum(r.get("clipped", False) for r in runs[1][1])
+    assert clipped > 0  # grad_clip=0.3 is below the norms of a fresh model
+    assert series["grad_norm.png"] == ["base (pre-clip norm)", "clip (pre-clip norm)", "clip clip threshold 0.3",
+                                       f"clip clipped steps ({clipped} logged)"]
+    # and train.py drew each run's own charts when it finished
+    assert sorted(os.listdir(os.path.join(real_runs[0], "charts"))) == sorted(f"{c}.png" for c in charts.CHARTS)

@@ -1,0 +1,155 @@
+"""sweep.py and design.py: designs, their alias structure, and effects recovered from known answers."""
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+
+import design
+import sweep
+from common import UsageError, parse_config
+from helpers import ROOT, fake_run
+from model import GPTConfig
+from train import TrainConfig
+
+FIVE = ["grad_clip=0,3.5", "qkv_bias=False,True", "weight_decay=0.1,0.01", "dropout=0.1,0",
+        "learning_rate=0.0004,0.0014 lr_schedule=constant,cosine warmup_frac=0,0.05 min_lr=0.00004,0.00014"]
+
+
+def truth(x):
+    """A known response: three main effects and two interactions, in coded units (effect = 2 * coef)."""
+    a, b, c, d, e = x
+    return 3.7 - 0.006 * a - 0.011 * b - 0.024 * c + 0.002 * d - 0.045 * e + 0.010 * c * e - 0.004 * a * b
+
+
+def test_half_fraction_of_five_factors_is_resolution_five():
+    X, gens = design.fractional(5, 1)
+    assert gens == ["E=ABCD"] and X.shape == (16, 5) and len({tuple(r) for r in X}) == 16
+    assert np.array_equal(X[:, 4], X[:, :4].prod(axis=1))
+    assert (X.T @ X == 16 * np.eye(5)).all()  # orthogonal, balanced columns
+    words = design.defining_relation(X)
+    assert words == ["ABCDE"] and design.resolution(words) == 5
+    assert design.aliases("A", words) == ["BCDE"] and design.aliases("DE", words) == ["ABC"]
+    # no main effect or two-factor interaction is aliased with another of them
+    assert all(len(design.aliases(n, words)[0]) >= 3 for n in design.effect_names(5))
+
+
+def test_quarter_fraction_and_the_fraction_that_keeps_the_baseline():
+    X, gens = design.fractional(5, 2, baseline=True)
+    assert gens == ["D=-AB", "E=-AC"] and [-1] * 5 in X.tolist()
+    words = design.defining_relation(X)
+    assert sorted(words) == ["-ABD", "-ACE", "BCDE"] and design.resolution(words) == 3
+    assert design.aliases("A", words) == ["-BD", "-CE", "ABCDE"]
+    X1, _ = design.fractional(5, 1, baseline=True)
+    assert [-1] * 5 in X1.tolist() and design.defining_relation(X1) == ["-ABCDE"]
+
+
+@pytest.mark.parametrize("X", [design.full(5), design.fractional(5, 1)[0]], ids=["full", "half"])
+def test_effects_and_interactions_recovered_exactly_without_noise(X):
+    fit = design.fit(X, [truth(x) for x in X])
+    got = {e.name: e.estimate for e in fit.effects}
+    want = {n: 0.0 for n in design.effect_names(5)}
+    want.update(A=-0.012, B=-0.022, C=-0.048, D=0.004, E=-0.090, CE=0.020, AB=-0.008)
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, abs=1e-12), name
+    best = design.best(fit, 5)
+    assert best.tolist() == [1, 1, 1, -1, 1]
+    assert design.predict(fit, best)[0] == pytest.approx(truth(best), abs=1e-12)
+
+
+def test_resolution_four_reports_the_alias_chain_and_estimates_its_sum():
+    X, _ = design.fractional(4, 1)  # D = ABC: AB is aliased with CD
+    y = [1.0 + 0.3 * x[0] * x[1] + 0.1 * x[2] * x[3] for x in X]
+    fit = design.fit(X, y)
+    ab = next(e for e in fit.effects if e.name == "AB")
+    assert ab.aliases == ["CD"] and ab.estimate == pytest.approx(2 * (0.3 + 0.1))
+    assert "CD" not in [e.name for e in fit.effects]
+
+
+def test_standard_errors_come_from_replicates():
+    X = np.repeat(design.full(2), 2, axis=0)  # every cell twice
+    noise = np.tile([0.01, -0.01], 4)
+    fit = design.fit(X, 2.0 + 0.5 * X[:, 0] + noise)
+    a = fit.effects[0]
+    assert a.estimate == pytest.approx(1.0)
+    assert fit.df == 4 and fit.sigma == pytest.approx(np.sqrt(2) * 0.01)  # pairs differ by 0.02
+    assert a.se == pytest.approx(2 * fit.sigma / np.sqrt(8))  # effect = 2 coef; var(coef) = s^2 / N
+
+
+def run_plan(tmp_path, *args):
+    out = tmp_path / "sw"
+    names = sweep.main(["plan", *sum((["--factor", f] for f in FIVE), []), f"--out={out}",
+                        f"--preset={os.path.join(ROOT, 'config/tiny.toml')}", *args])
+    return out, names
+
+
+def test_plan_writes_presets_train_accepts_and_a_script(tmp_path, capsys):
+    out, names = run_plan(tmp_path, "--design=fractional", "--seeds=2")
+    printed = capsys.readouterr().out
+    assert "resolution V, generators E=ABCD" in printed and "AB = CDE" in printed
+    assert len(names) == 32 and names[0] == "sw-00-learning_rate0.0014-s1337"
+    configs = []
+    for name in names:
+        (mc, tc), _, _ = parse_config([str(out / f"{name}.toml")], [GPTConfig, TrainConfig], "train.py", "")
+        assert tc.run_name == name and mc.n_layer == 2  # the tiny preset underneath
+        configs.append((tc.grad_clip, mc.qkv_bias, tc.weight_decay, mc.dropout, tc.learning_rate, tc.lr_schedule))
+    assert len(set(configs)) == 16 and ("cosine" in configs[0]) and configs[0][4] == 0.0014
+    script = (out / "run.sh").read_text().splitlines()
+    trains = [line for line in script if "train.py" in line]
+    assert len(trains) == 32 and f"python train.py {out}/{names[0]}.toml" in trains[0]
+    assert any(line.startswith("python sweep.py analyze 'out/sw-*'") for line in script)
+
+
+def test_one_at_a_time_plan_and_torchrun(tmp_path, capsys):
+    out, names = run_plan(tmp_path, "--torchrun=8")
+    assert names == ["sw-00-baseline", "sw-01-grad_clip3.5", "sw-02-qkv_biasTrue", "sw-03-weight_decay0.01",
+                     "sw-04-dropout0", "sw-05-learning_rate0.0014"]
+    assert "torchrun --standalone --nproc_per_node=8 train.py" in (out / "run.sh").read_text()
+
+
+def test_analyze_recovers_the_effects_from_run_directories(tmp_path, capsys):
+    X, _ = design.fractional(5, 1)
+    for i, x in enumerate(X.tolist()):
+        for seed, eps in ((1337, 0.002), (1338, -0.002)):
+            fake_run(tmp_path, f"r{i:02d}-{seed}", truth(x) + eps, seed=seed, grad_clip=[0.0, 3.5][x[0] > 0],
+                     qkv_bias=bool(x[1] > 0), weight_decay=[0.1, 0.01][x[2] > 0], dropout=[0.1, 0.0][x[3] > 0],
+                     learning_rate=[0.0004, 0.0014][x[4] > 0], lr_schedule=["constant", "cosine"][x[4] > 0])
+    fit = sweep.main(["analyze", str(tmp_path / "r*"), *sum((["--factor", f] for f in FIVE[:4]), []),
+                      "--factor", "learning_rate=0.0004,0.0014 lr_schedule=constant,cosine"])
+    out = capsys.readouterr().out
+    assert "resolution V" in out and "noise: replicates (pooled within-cell std, df=16)" in out
+    got = {e.name: e for e in fit.effects}
+    assert got["C"].estimate == pytest.approx(-0.048) and got["CE"].estimate == pytest.approx(0.020)
+    assert got["C"].se == pytest.approx(2 * 0.002 * np.sqrt(2) / np.sqrt(32))
+    assert "predicted best: grad_clip=3.5; qkv_bias=True; weight_decay=0.01; dropout=0.1; learning_rate=0.0014" in out
+    # without --factor the factors are inferred in field order, low = the smaller value, and the
+    # learning-rate fields move together as one factor
+    sweep.main(["analyze", str(tmp_path / "r*")])
+    out = capsys.readouterr().out
+    assert "E: grad_clip=0  ->  grad_clip=3.5" in out
+    assert "C: learning_rate=0.0004, lr_schedule=constant  ->  learning_rate=0.0014, lr_schedule=cosine" in out
+    assert "D       weight_decay                  +0.048000" in out  # 0.01 -> 0.1 now: the sign flips
+
+
+def test_one_at_a_time_cannot_estimate_interactions(tmp_path, capsys):
+    for name, loss, kw in [("base", 3.70, {}), ("gc", 3.69, {"grad_clip": 3.5}), ("qkv", 3.68, {"qkv_bias": True})]:
+        fake_run(tmp_path, name, loss, **kw)
+    fit = sweep.main(["analyze", str(tmp_path / "*")])
+    out = capsys.readouterr().out
+    assert "not a two-level factorial: 3 of the 4 configurations" in out
+    assert fit.confounded == ["AB"] and [e.estimate for e in fit.effects] == pytest.approx([-0.02, -0.01])  # A: qkv_bias (model fields first)
+    assert "no interval" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["plan", "--factor", "grad_clp=0,1"], "did you mean --grad_clip"),
+    (["plan", "--factor", "grad_clip=0,1,2", "--design=full"], "needs exactly two levels"),
+    (["plan", "--factor", "grad_clip=0"], "expected FIELD=LEVEL1,LEVEL2"),
+    (["plan"], "at least one"),
+    (["frobnicate"], "usage: sweep.py"),
+])
+def test_bad_input_is_a_usage_error(args, message, tmp_path):
+    with pytest.raises(UsageError, match=message):
+        sweep.main([*args, f"--out={tmp_path / 'x'}"])
