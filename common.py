@@ -9,10 +9,12 @@ import difflib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tomllib
 import typing
+import zipfile
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
@@ -39,12 +41,10 @@ def run_main(main, argv=None):
     """Call main(argv); turn UsageError (and other clean stops) into one line and exit 2."""
     try:
         main(sys.argv[1:] if argv is None else argv)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except (UsageError, RunError) as e:
+        one_line = str(e).replace("\r", "\\r").replace("\n", "\\n")  # an argument can hold a newline
+        print(f"error: {one_line}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UsageError) else 1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -226,6 +226,8 @@ def setup_dist(device="auto"):
     """Initialise torch.distributed when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise UsageError(f"--device={device!r}: use auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device=cuda but no CUDA device is available; use --device=cpu")
     if "RANK" not in os.environ:
@@ -311,7 +313,14 @@ def atomic_write(path, write_fn):
 
 
 def save_checkpoint(path, ckpt):
-    atomic_write(path, lambda f: torch.save(ckpt, f))
+    def write(f):
+        try:
+            torch.save(ckpt, f)
+        except RuntimeError as e:  # torch reports a failed write (ENOSPC, EIO) as a RuntimeError
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
+    atomic_write(path, write)
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -319,6 +328,10 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path} not found")
     try:
+        with zipfile.ZipFile(path) as z:  # torch.load does not check the CRCs torch.save writes
+            bad = z.testzip()
+        if bad is not None:
+            raise ValueError(f"CRC mismatch in {bad}")
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, corrupted bytes, foreign pickles all land here
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

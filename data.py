@@ -170,9 +170,9 @@ class TrainLoader:
         self.per_shard = [(n - 1) // tokens_per_step if n > 0 else 0 for _, n in shards]
         self.chunks = sum(self.per_shard)
         if self.chunks == 0:
-            biggest = max(n for _, n in shards)
+            path, biggest = max(shards, key=lambda s: s[1])
             raise UsageError(f"one optimizer step needs {tokens_per_step + 1} tokens in a shard but "
-                             f"the largest train shard holds {biggest}; lower total_batch_size "
+                             f"the largest train shard holds {biggest} ({path}); lower total_batch_size "
                              "or block_size, or prepare more data")
         self._perm_epoch, self._perm = None, None
 
@@ -219,9 +219,11 @@ def eval_windows(shards, block_size, max_tokens=0):
         windows += [(path, i * block_size) for i in range((n - 1) // block_size)]
     if max_tokens > 0:
         windows = windows[: max_tokens // block_size]
-    if not windows:
-        raise UsageError(f"the split in {os.path.dirname(shards[0][0])} is shorter than one "
-                         f"block of {block_size + 1} tokens (or the token budget is)")
+    if max_tokens > 0 and max_tokens < block_size:
+        raise UsageError(f"an evaluation budget of {max_tokens} tokens is less than one block of {block_size}")
+    if not windows:  # every shard is shorter than one window
+        names = ", ".join(f"{p} ({n} tokens)" for p, n in shards)
+        raise UsageError(f"the split {names} is shorter than one block of {block_size + 1} tokens")
     return windows
 
 

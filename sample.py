@@ -5,6 +5,7 @@
 MODEL is anything eval.py takes (load.py). The same seed gives the same text on the CPU.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,8 +33,10 @@ def main(argv):
     (sc,), positionals, _ = parse_config(argv, [SampleConfig], "sample.py", USAGE, max_positionals=1)
     if not positionals:
         raise UsageError(f"which model? usage: sample.py {USAGE}")
-    if sc.num_samples <= 0 or sc.max_new_tokens < 0 or sc.temperature < 0 or sc.top_k < 0:
-        raise UsageError("--num_samples must be positive; --max_new_tokens, --temperature, --top_k >= 0")
+    if sc.num_samples <= 0 or sc.max_new_tokens < 0 or not 0 <= sc.temperature < math.inf or sc.top_k < 0:
+        raise UsageError("--num_samples must be positive; --max_new_tokens, --top_k >= 0; --temperature finite, >= 0")
+    if not 0 <= sc.seed < 2**63:
+        raise UsageError(f"--seed must be in [0, 2**63), got {sc.seed}")
     d = setup_dist(sc.device)
     enc = get_tokenizer()
     ids = enc.encode(sc.prompt, allowed_special={"<|endoftext|>"}) or [EOT]

@@ -7,9 +7,11 @@ Precedence: dataclass defaults (the story's baseline) < presets < flags. `--help
 """
 
 import dataclasses
+import glob
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -24,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common import (CHECKPOINT_VERSION, RunError, UsageError, atomic_write, autocast, environment, field,
                     load_checkpoint, parse_config, peak_flops, print0, run_main, save_checkpoint,
                     set_tf32, setup_dist, teardown_dist, write_json)
-from data import TrainLoader, eval_windows, find_shards
+from data import TrainLoader, eval_windows, find_shards, read_windows
 from eval import evaluate
 from model import GPT, GPTConfig
 
@@ -81,6 +83,7 @@ class TrainConfig:
 
 POSITIVE = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "log_interval",
             "checkpoint_interval", "learning_rate"}
+FRACTIONS = {"dropout", "beta1", "beta2"}  # in [0, 1)
 
 # Fields that may differ when a run is resumed: they change how, not what, it computes.
 RUNTIME_FIELDS = {"resume", "out_dir", "run_name", "data_dir", "batch_size",
@@ -100,13 +103,17 @@ class Plan:
 
 
 def make_plan(mc, tc, world_size):
+    for name, value in [*asdict(mc).items(), *asdict(tc).items()]:  # every number is finite and >= 0
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value) or value < 0 or (name in POSITIVE and value == 0):
+            raise UsageError(f"--{name} must be {'positive' if name in POSITIVE else '0 or more'}, got {value}")
+        if name in FRACTIONS and value >= 1:
+            raise UsageError(f"--{name} must be in [0, 1), got {value}")
+        if name in ("seed", "data_seed") and value >= 2**63:
+            raise UsageError(f"--{name} must be less than 2**63, got {value}")
     if mc.n_embd % mc.n_head:
         raise UsageError(f"n_embd {mc.n_embd} is not divisible by n_head {mc.n_head}")
-    for name, value in [*asdict(mc).items(), *asdict(tc).items()]:
-        if name in POSITIVE and value <= 0:
-            raise UsageError(f"--{name} must be positive, got {value}")
-    if not 0 <= mc.dropout < 1:
-        raise UsageError(f"--dropout must be in [0, 1), got {mc.dropout}")
     micro = tc.batch_size * mc.block_size * world_size  # tokens in one micro-batch over all ranks
     if tc.total_batch_size:
         if tc.total_batch_size % micro:
@@ -169,6 +176,9 @@ def resolve_config(argv):
     out_dir = tc.out_dir or os.path.join("out", run_name)
     ckpt = None
     if tc.resume:
+        if not os.path.exists(os.path.join(out_dir, "ckpt.pt")) and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+            raise UsageError(f"{out_dir} has no checkpoint: the run stopped before its first one; "
+                             "delete the directory or choose another --out_dir to start again")
         ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
         saved = [GPTConfig(**ckpt["model_config"]), TrainConfig(**ckpt["train_config"])]
         (mc, tc), _, _ = parse_config(argv, classes, "train.py", USAGE, bases=saved)
@@ -193,10 +203,14 @@ class Run:
         if not master:
             return
         os.makedirs(self.dir, exist_ok=True)
+        for name in ("ckpt.pt", "metrics.jsonl", "config.json"):  # temp files of writes a crash cut short
+            for stray in glob.glob(glob.escape(os.path.join(self.dir, name)) + ".tmp.*"):
+                os.remove(stray)
         if resume_step is not None and os.path.exists(self.metrics_path):
-            # rows logged after the checkpoint will be logged again: drop them
+            # rows logged after the checkpoint will be logged again, and a row cut short by a crash
+            # ends the file: drop them
             with open(self.metrics_path) as f:
-                rows = [line for line in f if json.loads(line)["step"] <= resume_step]
+                rows = [line for line in f if line.endswith("\n") and _step_of(line) <= resume_step]
             atomic_write(self.metrics_path, lambda f: f.write("".join(rows).encode()))
         self.log_file = open(os.path.join(self.dir, "log.txt"), "a")
 
@@ -231,6 +245,10 @@ def train(mc, tc, ckpt, d):
     loader = TrainLoader(shards, plan.tokens_per_step, tc.batch_size, mc.block_size, plan.accum,
                          d.rank, d.world_size, tc.data_seed, mc.vocab_size)
     windows = eval_windows(find_shards(tc.data_dir, tc.dataset, "val"), mc.block_size, tc.eval_tokens)
+    if ckpt is not None:
+        _check_same_data(ckpt["data"], shards, plan, tc)
+    loader.batch(ckpt["step"] if ckpt else 0, 0)  # token ids outside vocab_size: refused before
+    read_windows(windows, mc.block_size, mc.vocab_size)  # anything is written, not mid-run
 
     torch.manual_seed(tc.seed)
     model = GPT(mc).to(d.device)
@@ -269,6 +287,7 @@ def train(mc, tc, ckpt, d):
     signal.signal(signal.SIGINT, on_signal)
 
     def checkpoint(step):
+        error = None
         if d.master:
             state = {
                 "format": "gpt-interventions", "version": CHECKPOINT_VERSION,
@@ -279,16 +298,29 @@ def train(mc, tc, ckpt, d):
                          "data_seed": tc.data_seed, "epoch": loader.epoch_of(step),
                          "shards": [[os.path.basename(p), n] for p, n in shards]},
                 "rng": {"scheme": "dropout reseeded each step from (seed, step, rank)", "seed": tc.seed},
+                "skipped_steps": skipped,
             }
             path = os.path.join(tc.out_dir, "ckpt.pt")
-            save_checkpoint(path, state)
-            if tc.keep_checkpoints:
-                _keep_snapshots(tc.out_dir, path, step, tc.keep_checkpoints)
-        if d.world_size > 1:
-            dist.barrier()
+            try:
+                save_checkpoint(path, state)
+            except OSError as e:  # a full disk, a lost mount: atomic_write left the previous file as it was
+                error = (f"cannot write checkpoint {path} at step {step} ({e.strerror or e}); " +
+                         (f"the previous checkpoint, at step {saved['step']}, is intact" if saved["step"] is not None
+                          else "no checkpoint was written"))
+            else:
+                saved["step"] = step
+                if tc.keep_checkpoints:
+                    _keep_snapshots(tc.out_dir, path, step, tc.keep_checkpoints)
+        if d.world_size > 1:  # doubles as the barrier: every rank learns whether the write failed
+            failed = torch.tensor([error is not None], dtype=torch.int32, device=d.device)
+            dist.all_reduce(failed)
+            error = error or (failed.item() and "rank 0 could not write the checkpoint; see its error")
+        if error:
+            raise RunError(error)
 
+    saved = {"step": start if ckpt else None}  # step of the checkpoint on disk
     bad_step = torch.full((), -1, dtype=torch.long, device=d.device)  # first non-finite step, on device
-    skipped = 0
+    skipped = ckpt.get("skipped_steps", 0) if ckpt else 0
     t_last, step_last = time.time(), start
     model.train()
     for step in range(start, plan.max_steps):
@@ -314,13 +346,11 @@ def train(mc, tc, ckpt, d):
         if not scaler.is_enabled():  # with float16 the GradScaler itself skips overflowing steps
             finite &= torch.isfinite(norm)
         if tc.nonfinite == "skip" and not finite.item():  # opt-in: costs one sync per step
-            skipped += 1
+            skipped += 1  # no update; the step is still logged, evaluated and checkpointed
             run.log(f"step {step + 1}: non-finite loss or gradient, step skipped ({skipped} so far)")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.update()
-            continue
-        bad_step = torch.where((bad_step < 0) & ~finite, step + 1, bad_step)
-        scaler.step(optimizer)
+        else:
+            bad_step = torch.where((bad_step < 0) & ~finite, step + 1, bad_step)
+            scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
@@ -336,7 +366,7 @@ def train(mc, tc, ckpt, d):
         saving = last or stopping or done % tc.checkpoint_interval == 0
         if done % tc.log_interval == 0 or saving:
             if bad_step.item() >= 0:
-                _diverged(run, tc, int(bad_step.item()))
+                _diverged(tc, int(bad_step.item()), saved["step"])
             loss_mean = loss_sum / plan.accum
             if d.world_size > 1:
                 dist.all_reduce(loss_mean)
@@ -373,9 +403,23 @@ def train(mc, tc, ckpt, d):
         run.log(f"charts: {', '.join(plot_run(tc.out_dir))}")
 
 
-def _diverged(run, tc, step):
+def _check_same_data(saved, shards, plan, tc):
+    """A resumed run must go on through the same token chunks: same shards, same tokens per step."""
+    found = [[os.path.basename(p), n] for p, n in shards]
+    if saved["tokens_per_step"] != plan.tokens_per_step:
+        raise UsageError(f"cannot resume {tc.out_dir}: it trained {saved['tokens_per_step']} tokens per step, "
+                         f"these settings give {plan.tokens_per_step}; keep total_batch_size (or, with "
+                         "total_batch_size=0, batch_size x ranks) as it was")
+    if saved["shards"] != found:
+        raise UsageError(f"cannot resume {tc.out_dir}: the train shards in {os.path.join(tc.data_dir, tc.dataset)} "
+                         f"({len(found)} files, {sum(n for _, n in found)} tokens) differ from those it trained on "
+                         f"({len(saved['shards'])} files, {sum(n for _, n in saved['shards'])} tokens)")
+
+
+def _diverged(tc, step, saved_step):
     ckpt = os.path.join(tc.out_dir, "ckpt.pt")
-    kept = f"the last good checkpoint {ckpt} is kept" if os.path.exists(ckpt) else "no checkpoint was written"
+    kept = f"the last good checkpoint {ckpt}, at step {saved_step}, is kept" if saved_step is not None \
+        else "no checkpoint was written"
     raise RunError(f"non-finite loss or gradient at step {step}: stopping; {kept}. Lower "
                      "--learning_rate, set --grad_clip, or use --nonfinite=skip")
 
@@ -385,9 +429,17 @@ def _keep_snapshots(out_dir, path, step, keep):
     snap = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
     if not os.path.exists(snap):
         os.link(path, snap)
-    snaps = sorted(f for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
-    for old in snaps[:-keep]:
-        os.remove(os.path.join(out_dir, old))
+    snaps = [m for m in map(re.compile(r"ckpt_(\d+)\.pt").fullmatch, os.listdir(out_dir)) if m]
+    for old in sorted(snaps, key=lambda m: int(m[1]))[:-keep]:  # by step: ckpt_10000000 is newer than ckpt_9999999
+        os.remove(os.path.join(out_dir, old[0]))
+
+
+def _step_of(line):
+    """Step of a metrics.jsonl row; a row cut short by a crash counts as after every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 if __name__ == "__main__":

@@ -1,0 +1,80 @@
+"""train.py with one fault injected, for tests/test_reliability.py: python tests/fault_train.py FLAGS...
+
+FAULT (environment) chooses the fault; files go to FAULT_DIR:
+  hang_at_step:N   before step N (N steps done): write ready.RANK (the pid), wait for the file `go`
+  hang_in_save:N   while writing the checkpoint of step N, half of it in the temp file: write
+                   ready.RANK, hang until killed
+  rss:N            every N steps append "STEP VmRSS_kB" to rss.txt
+"""
+
+import io
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import data  # noqa: E402
+import train  # noqa: E402
+from common import run_main  # noqa: E402
+
+FAULT_DIR = os.environ.get("FAULT_DIR", ".")
+KIND, _, ARG = os.environ.get("FAULT", "").partition(":")
+RANK = os.environ.get("RANK", "0")
+
+
+def ready():
+    with open(os.path.join(FAULT_DIR, f"ready.{RANK}"), "w") as f:
+        f.write(str(os.getpid()))
+
+
+def wait_for_go(limit_s=120):
+    deadline = time.time() + limit_s  # never outlive a test that failed
+    while not os.path.exists(os.path.join(FAULT_DIR, "go")):
+        if time.time() > deadline:
+            os._exit(99)
+        time.sleep(0.01)
+
+
+def rss_kb():
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
+
+
+batch = data.TrainLoader.batch
+save = torch.save
+seen = set()
+
+
+def faulty_batch(self, step, micro):
+    if micro == 0 and step not in seen:  # the first read of each step (train also reads one up front)
+        seen.add(step)
+        if KIND == "hang_at_step" and step == int(ARG):
+            ready()
+            wait_for_go()
+        elif KIND == "rss" and step % int(ARG) == 0:
+            with open(os.path.join(FAULT_DIR, "rss.txt"), "a") as f:
+                f.write(f"{step} {rss_kb()}\n")
+    return batch(self, step, micro)
+
+
+def faulty_save(obj, f, *args, **kwargs):
+    if KIND == "hang_in_save" and isinstance(obj, dict) and obj.get("step") == int(ARG):
+        buf = io.BytesIO()
+        save(obj, buf, *args, **kwargs)
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        f.flush()
+        ready()
+        while True:
+            time.sleep(1)
+    return save(obj, f, *args, **kwargs)
+
+
+data.TrainLoader.batch = faulty_batch
+torch.save = faulty_save
+
+if __name__ == "__main__":
+    run_main(train.main)

@@ -1,0 +1,653 @@
+"""Fault injection: a run survives crashes, preemption, a changed world, bad files and flags,
+non-finite numbers, long runs and a full disk, with nothing lost (README, Reliability).
+
+Faults in a real process come from tests/fault_train.py (train.py plus one injected fault).
+"""
+
+import contextlib
+import errno
+import glob
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import common
+import data
+import eval as eval_py
+import prepare_data
+import sample
+import train
+from common import UsageError, load_checkpoint, run_main
+from data import write_shard
+from helpers import ROOT, curve, make_shards, read_metrics, synthetic_tokens, tiny_flags
+from load import load_model
+
+FAULT_TRAIN = os.path.join(ROOT, "tests", "fault_train.py")
+# warmup, a cosine schedule, clipping and dropout: every piece of state must resume exactly
+EXACT = dict(max_iters=12, dropout=0.1, lr_schedule="cosine", warmup_iters=3, grad_clip=1.0, checkpoint_interval=4)
+# across world sizes only to float tolerance; dropout off, as its masks are drawn per rank
+WORLD = dict(max_iters=12, lr_schedule="cosine", warmup_iters=3, grad_clip=1.0, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """The uninterrupted run that every interrupted one must match bit for bit."""
+    out = str(tmp_path_factory.mktemp("reference") / "run")
+    train.main(tiny_flags(data_dir, out, **EXACT))
+    return out
+
+
+@pytest.fixture(scope="module")
+def world_reference(data_dir, tmp_path_factory):
+    """One process, 2 micro-batches of 4 sequences per step."""
+    out = str(tmp_path_factory.mktemp("world_reference") / "run")
+    train.main(tiny_flags(data_dir, out, **WORLD))
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("finished") / "run")
+    train.main(tiny_flags(data_dir, out, max_iters=2, total_batch_size=128))
+    return out
+
+
+def ckpt_of(out):
+    return load_checkpoint(os.path.join(str(out), "ckpt.pt"))
+
+
+def assert_same_run(ref, out):
+    """Bitwise: the logged curve, validation losses, weights and optimizer state."""
+    assert curve(out) == curve(ref)
+    assert [r for r in read_metrics(out) if "val_loss" in r] == [r for r in read_metrics(ref) if "val_loss" in r]
+    a, b = ckpt_of(ref), ckpt_of(out)
+    assert a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    for i, state in a["optimizer"]["state"].items():
+        for name, t in state.items():
+            assert torch.equal(t, b["optimizer"]["state"][i][name]), (i, name)
+
+
+def assert_close_run(ref, out):
+    """Another split of the same tokens: same data and schedule, sums in another order."""
+    ref_rows = {r["step"]: r for r in curve(ref)}
+    rows = curve(out)
+    assert rows and all(r["step"] in ref_rows for r in rows)
+    for r in rows:
+        a = ref_rows[r["step"]]
+        assert (r["tokens"], r["lr"]) == (a["tokens"], a["lr"])
+        assert r["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    wa, wb = ckpt_of(ref)["model"], ckpt_of(out)["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+def snapshot(root):
+    """Every file under root with its bytes: to show that nothing was written or overwritten."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                out[os.path.relpath(os.path.join(dirpath, name), root)] = f.read()
+    return out
+
+
+def cli(main, argv, capsys):
+    """(exit status, stderr) of a script's main called as its command line would."""
+    capsys.readouterr()
+    try:
+        run_main(main, [str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def stop_after(monkeypatch, step):
+    """SIGTERM while step `step` (0-indexed) runs, in this process."""
+    batch = data.TrainLoader.batch
+
+    def preempt(self, s, micro):
+        if s == step and micro == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch(self, s, micro)
+    monkeypatch.setattr(data.TrainLoader, "batch", preempt)
+
+
+# --- processes with an injected fault ----------------------------------------------------------
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    """Start tests/fault_train.py (under torchrun with ranks=2); killed at the end of the test."""
+    procs = []
+
+    def start(args, fault, ranks=1, **env):
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
+        env = {**os.environ, "FAULT": fault, "FAULT_DIR": str(tmp_path), **env}
+        with open(tmp_path / "stdout.txt", "w") as out, open(tmp_path / "stderr.txt", "w") as err:
+            proc = subprocess.Popen([sys.executable, *launcher, FAULT_TRAIN, *args], cwd=ROOT, env=env,
+                                    stdout=out, stderr=err, start_new_session=True)
+        procs.append(proc)
+        return proc
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_ready(tmp_path, proc, ranks=(0,), limit_s=180):
+    """Pids of the ranks once each has reached its fault."""
+    paths = [tmp_path / f"ready.{r}" for r in ranks]
+    deadline = time.time() + limit_s
+    while not all(p.exists() and p.read_text() for p in paths):
+        assert proc.poll() is None, f"exited {proc.returncode} before the fault: {(tmp_path / 'stderr.txt').read_text()[-2000:]}"
+        assert time.time() < deadline, "the fault was never reached"
+        time.sleep(0.02)
+    return [int(p.read_text()) for p in paths]
+
+
+def go(tmp_path):
+    (tmp_path / "go").touch()
+
+
+# --- crash ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kill_9_between_steps_then_resume_is_bitwise_exact(data_dir, reference, tmp_path, spawn):
+    out = str(tmp_path / "run")
+    proc = spawn(tiny_flags(data_dir, out, **EXACT), "hang_at_step:6")
+    wait_ready(tmp_path, proc)
+    assert ckpt_of(out)["step"] == 4
+    assert read_metrics(out)[-1]["step"] == 6  # rows logged after the checkpoint: resume drops them
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    train.main(tiny_flags(data_dir, out, resume=True, **EXACT))
+    assert_same_run(reference, out)
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(data_dir, reference, tmp_path, spawn):
+    out = str(tmp_path / "run")
+    proc = spawn(tiny_flags(data_dir, out, **EXACT), "hang_in_save:8")
+    wait_ready(tmp_path, proc)
+    proc.kill()
+    proc.wait()
+    (partial,) = glob.glob(os.path.join(out, "ckpt.pt.tmp.*"))  # half of the step-8 checkpoint
+    assert os.path.getsize(partial) > 0
+    with pytest.raises(UsageError, match="is unreadable"):
+        load_checkpoint(partial)  # even named explicitly, half a file is never read as a checkpoint
+    assert ckpt_of(out)["step"] == 4
+    assert load_model(out)[1]["step"] == 4  # eval.py and sample.py read ckpt.pt, the intact one
+    train.main(tiny_flags(data_dir, out, resume=True, **EXACT))
+    assert_same_run(reference, out)
+    assert not glob.glob(os.path.join(out, "*.tmp.*"))  # the stray temp file was cleaned up
+
+
+def test_a_row_cut_short_by_a_crash_is_dropped_on_resume(data_dir, reference, tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    stop_after(monkeypatch, 5)
+    train.main(tiny_flags(data_dir, out, **EXACT))
+    monkeypatch.undo()
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 7, "tokens": 17')  # kill -9 in the middle of a metrics row
+    train.main(tiny_flags(data_dir, out, resume=True, **EXACT))
+    assert_same_run(reference, out)
+
+
+def test_resume_before_the_first_checkpoint_says_what_to_do(data_dir, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # as a kill before the first checkpoint: metrics.jsonl, no ckpt.pt
+    monkeypatch.setattr(common.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny_flags(data_dir, out, max_iters=2))
+    monkeypatch.undo()
+    code, err = cli(train.main, tiny_flags(data_dir, out, resume=True), capsys)
+    assert code == 2 and "has no checkpoint: the run stopped before its first one; delete the directory" in err
+
+
+# --- preemption ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_checkpoints_the_step_in_flight_and_exits_0(sig, data_dir, reference, tmp_path, spawn):
+    out = str(tmp_path / "run")
+    proc = spawn(tiny_flags(data_dir, out, **EXACT), "hang_at_step:5")
+    wait_ready(tmp_path, proc)
+    proc.send_signal(sig)  # arrives during step 6 (1-indexed)
+    go(tmp_path)
+    t0 = time.time()
+    assert proc.wait(timeout=120) == 0
+    assert time.time() - t0 < 60  # the step in flight, a checkpoint, then out: not the remaining 6 steps
+    stdout = (tmp_path / "stdout.txt").read_text()
+    assert (f"stopped by {sig.name} after step 6; checkpoint saved. "
+            f"Resume with: python train.py --resume --out_dir={out}") in stdout
+    assert ckpt_of(out)["step"] == 6 and read_metrics(out)[-1]["step"] == 6
+    train.main(tiny_flags(data_dir, out, resume=True, **EXACT))
+    assert_same_run(reference, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["rank 1", "launcher"])
+def test_torchrun_ranks_agree_on_the_saved_step_and_resume_on_one_process(target, data_dir, world_reference,
+                                                                           tmp_path, spawn):
+    out = str(tmp_path / "run")
+    # 2 ranks x 1 micro-batch of 4: the same 256 tokens per step as the reference's 1 x 2 x 4.
+    # Ranks compare their stop flags at logged steps only: every 3rd here.
+    proc = spawn(tiny_flags(data_dir, out, **{**WORLD, "log_interval": 3}), "hang_at_step:4", ranks=2)
+    pids = wait_ready(tmp_path, proc, ranks=(0, 1))
+    os.kill(pids[1] if target == "rank 1" else proc.pid, signal.SIGTERM)  # during step 5
+    deadline = time.time() + 60
+    while target == "launcher" and (tmp_path / "stderr.txt").read_text().count("closing signal SIGTERM") < 2:
+        assert time.time() < deadline, "torchrun did not pass SIGTERM on to its workers"
+        time.sleep(0.05)
+    go(tmp_path)
+    code = proc.wait(timeout=180)
+    stdout = (tmp_path / "stdout.txt").read_text()
+    if target == "rank 1":  # rank 0 was never signalled: it stops with rank 1, after logged step 6
+        assert code == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+        assert "stopped by a signal on another rank after step 6; checkpoint saved. Resume with:" in stdout
+    else:  # torchrun itself exits non-zero after a SIGTERM, once its workers have stopped
+        assert "stopped by SIGTERM after step 6; checkpoint saved. Resume with:" in stdout
+    assert ckpt_of(out)["step"] == 6
+    # changed world: resume on one process with 2 micro-batches; same data and schedule
+    train.main(tiny_flags(data_dir, out, resume=True, **{**WORLD, "log_interval": 1}))
+    assert ckpt_of(out)["step"] == 12
+    assert_close_run(world_reference, out)
+
+
+# --- changed world -------------------------------------------------------------------------------
+
+
+def test_resume_with_other_micro_batches_continues_the_same_data_and_schedule(data_dir, world_reference,
+                                                                             tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    stop_after(monkeypatch, 5)
+    train.main(tiny_flags(data_dir, out, **{**WORLD, "batch_size": 8}))  # 1 micro-batch of 8
+    monkeypatch.undo()
+    assert ckpt_of(out)["step"] == 6
+    train.main(tiny_flags(data_dir, out, resume=True, **{**WORLD, "batch_size": 2}))  # 4 of 2
+    assert [r["step"] for r in curve(out)] == list(range(1, 13))
+    assert_close_run(world_reference, out)
+
+
+def test_resume_refuses_a_changed_model_or_tokenizer_listing_the_fields(data_dir, finished_run, tmp_path, capsys):
+    out = shutil.copytree(finished_run, tmp_path / "run")
+    before = snapshot(out)
+    code, err = cli(train.main, tiny_flags(data_dir, out, resume=True, max_iters=2, total_batch_size=128,
+                                           n_layer=3, vocab_size=512), capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "cannot resume" in err and "(n_layer: 2 -> 3; vocab_size: 256 -> 512)" in err
+    assert snapshot(out) == before
+
+
+def test_resume_refuses_other_tokens_per_step_or_other_shards(tmp_path, capsys):
+    data_dir = make_shards(tmp_path / "data")
+    out = str(tmp_path / "run")
+    train.main(tiny_flags(data_dir, out, max_iters=2, total_batch_size=0, batch_size=4))  # 128 tokens/step
+    before = snapshot(out)
+    code, err = cli(train.main, tiny_flags(data_dir, out, resume=True, max_iters=2, total_batch_size=0,
+                                           batch_size=8), capsys)
+    assert code == 2 and "it trained 128 tokens per step, these settings give 256" in err
+    write_shard(os.path.join(data_dir, "syn", "train_000001.bin"), synthetic_tokens(5000, seed=1))
+    code, err = cli(train.main, tiny_flags(data_dir, out, resume=True, max_iters=2, total_batch_size=0,
+                                           batch_size=4), capsys)
+    assert code == 2 and "(2 files, 45000 tokens) differ from those it trained on (1 files, 40000 tokens)" in err
+    assert snapshot(out) == before
+
+
+# --- bad files -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupted"])
+def test_a_damaged_checkpoint_is_refused_by_every_script(damage, data_dir, finished_run, tmp_path, capsys):
+    out = shutil.copytree(finished_run, tmp_path / "run")
+    path = os.path.join(out, "ckpt.pt")
+    raw = open(path, "rb").read()
+    mid = len(raw) // 2
+    raw = raw[:mid] if damage == "truncated" else raw[:mid] + bytes(b ^ 0xFF for b in raw[mid:mid + 64]) + raw[mid + 64:]
+    with open(path, "wb") as f:
+        f.write(raw)
+    before = snapshot(out)
+    for main, argv in [(train.main, tiny_flags(data_dir, out, resume=True, max_iters=2, total_batch_size=128)),
+                       (eval_py.main, [path, f"--data_dir={data_dir}", "--dataset=syn", "--ledger="]),
+                       (sample.main, [out, "--max_new_tokens=2"])]:
+        code, err = cli(main, argv, capsys)
+        assert code == 2 and err.startswith(f"error: checkpoint {path} is unreadable") and err.count("\n") == 1, err
+    assert snapshot(out) == before
+
+
+def damage_shard(path, how):
+    n = data.read_header(path)
+    if how == "magic":
+        with open(path, "r+b") as f:
+            f.write(np.int32(12345).tobytes())
+    elif how == "size":
+        os.truncate(path, os.path.getsize(path) - 10)
+    elif how == "vocab":  # as if made by another tokenizer: ids up to 511 for a 256-token model
+        write_shard(path, synthetic_tokens(n, vocab=512))
+    elif how == "short":
+        write_shard(path, synthetic_tokens(20))
+
+
+@pytest.mark.parametrize("split,how,message", [
+    ("train", "magic", "has magic 12345, expected 20240520"),
+    ("train", "size", "header says 40000 tokens: truncated or corrupted"),
+    ("train", "vocab", "outside the model's vocab_size 256"),
+    ("train", "short", "one optimizer step needs 257 tokens in a shard but the largest train shard holds 20"),
+    ("val", "vocab", "outside the model's vocab_size 256"),
+    ("val", "short", "(20 tokens) is shorter than one block of 33 tokens"),
+])
+def test_a_bad_shard_is_one_line_naming_the_file(split, how, message, finished_run, tmp_path, capsys):
+    data_dir = make_shards(tmp_path / "data")
+    shard = os.path.join(data_dir, "syn", f"{split}_000000.bin")
+    damage_shard(shard, how)
+    before = snapshot(data_dir)
+    runs = [(train.main, tiny_flags(data_dir, tmp_path / "new"))]
+    if split == "val":
+        runs.append((eval_py.main, [finished_run, f"--data_dir={data_dir}", "--dataset=syn", "--split=val", "--ledger="]))
+    for main, argv in runs:
+        code, err = cli(main, argv, capsys)
+        assert code == 2 and message in err and shard in err and err.count("\n") == 1, err
+    assert not os.path.exists(tmp_path / "new")  # a refused run writes nothing
+    assert snapshot(data_dir) == before
+
+
+def test_bad_tokens_refuse_a_resume_before_anything_is_written(finished_run, tmp_path, capsys):
+    data_dir = make_shards(tmp_path / "data")
+    damage_shard(os.path.join(data_dir, "syn", "train_000000.bin"), "vocab")  # same size, other ids
+    out = shutil.copytree(finished_run, tmp_path / "run")
+    before = snapshot(out)
+    code, err = cli(train.main, tiny_flags(data_dir, out, resume=True, max_iters=2, total_batch_size=128), capsys)
+    assert code == 2 and "outside the model's vocab_size 256" in err
+    assert snapshot(out) == before  # not even log.txt or metrics.jsonl
+
+
+# --- numerics ------------------------------------------------------------------------------------
+
+
+class NanGradient(torch.autograd.Function):
+    """Identity forward (the loss stays finite), NaN gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def inject_nonfinite(monkeypatch, what, step):
+    """Make the loss or only the gradient of 0-indexed `step` non-finite."""
+    forward = train.GPT.forward
+    seed = train.step_seed(1337, step, 0)  # train reseeds every step: this identifies the step
+
+    def bad_forward(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
+        if self.training and torch.initial_seed() == seed:
+            loss = loss * float("nan") if what == "loss" else NanGradient.apply(loss)
+        return logits, loss
+    monkeypatch.setattr(train.GPT, "forward", bad_forward)
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_nonfinite_stops_and_keeps_the_last_good_checkpoint(what, data_dir, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    inject_nonfinite(monkeypatch, what, 7)
+    code, err = cli(train.main, tiny_flags(data_dir, out, checkpoint_interval=4, log_interval=4), capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert (f"non-finite loss or gradient at step 8: stopping; the last good checkpoint {out}/ckpt.pt, "
+            "at step 4, is kept") in err
+    ckpt = ckpt_of(out)
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_nonfinite_skip_skips_the_update_counts_it_and_still_checkpoints(what, data_dir, tmp_path, monkeypatch,
+                                                                         capsys):
+    eleven = str(tmp_path / "eleven")
+    train.main(tiny_flags(data_dir, eleven, max_iters=11))  # constant lr: steps 1-11 are the same
+    out = str(tmp_path / "run")
+    inject_nonfinite(monkeypatch, what, 11)  # the last step, which also writes the final checkpoint
+    train.main(tiny_flags(data_dir, out, nonfinite="skip"))
+    assert "step 12: non-finite loss or gradient, step skipped (1 so far)" in capsys.readouterr().out
+    assert read_metrics(out)[-2]["skipped_steps"] == 1  # the step-12 row; then its val row
+    ckpt, ref = ckpt_of(out), ckpt_of(eleven)
+    assert ckpt["step"] == 12 and ckpt["skipped_steps"] == 1
+    for k in ref["model"]:  # the skipped step changed nothing
+        assert torch.equal(ckpt["model"][k], ref["model"][k]), k
+    for i, state in ref["optimizer"]["state"].items():
+        for name, t in state.items():
+            assert torch.equal(t, ckpt["optimizer"]["state"][i][name])
+
+
+# --- long runs -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_and_the_run_directory_bounded_over_thousands_of_steps(tmp_path, spawn):
+    # 3000 steps of 2048 tokens read 12 MB of shard: a reader that kept its pages (nanoGPT's memmap)
+    # or any per-step leak of a few kB would show
+    data_dir = make_shards(tmp_path / "data", train=(6_200_000,), vocab=16)
+    out = str(tmp_path / "run")
+    flags = tiny_flags(data_dir, out, n_layer=1, n_head=1, n_embd=8, block_size=64, vocab_size=16, batch_size=32,
+                       total_batch_size=2048, max_iters=3000, log_interval=100, eval_interval=0,
+                       checkpoint_interval=100, keep_checkpoints=3)
+    proc = spawn(flags, "rss:250", OMP_NUM_THREADS="1")  # one thread: steps stay fast on a busy machine
+    assert proc.wait(timeout=600) == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    rss = dict(np.loadtxt(tmp_path / "rss.txt", dtype=np.int64))  # step -> kB
+    early = np.median([rss[s] for s in (250, 500, 750, 1000)])
+    late = np.median([rss[s] for s in (2250, 2500, 2750)])
+    assert late - early < 4096, f"resident memory grew by {(late - early) / 1024:.1f} MB: {rss}"
+    names = os.listdir(out)
+    assert sorted(n for n in names if n.startswith("ckpt")) == \
+        ["ckpt.pt", "ckpt_0002800.pt", "ckpt_0002900.pt", "ckpt_0003000.pt"]  # of 30 checkpoints
+    assert not glob.glob(os.path.join(out, "*.tmp.*"))
+
+
+def test_keep_checkpoints_orders_snapshots_by_step(tmp_path):
+    for step in (9_999_998, 9_999_999):
+        (tmp_path / f"ckpt_{step:07d}.pt").touch()
+    (tmp_path / "ckpt_best.pt").touch()  # not a snapshot: never deleted
+    (tmp_path / "ckpt.pt").touch()
+    train._keep_snapshots(str(tmp_path), str(tmp_path / "ckpt.pt"), 10_000_000, 2)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt_10000000.pt", "ckpt_9999999.pt", "ckpt_best.pt"]
+
+
+# --- disk ----------------------------------------------------------------------------------------
+
+
+class FullDisk(io.RawIOBase):
+    """A file that takes 1000 bytes, then fails as a full disk does."""
+
+    def __init__(self, f):
+        self.f, self.n = f, 0
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        self.n += len(b)
+        if self.n > 1000:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.f.write(b)
+
+
+@pytest.mark.parametrize("where", ["torch.save", "write", "os.replace"])
+def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_one(where, data_dir, reference, tmp_path,
+                                                                            monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    path = os.path.join(out, "ckpt.pt")
+    seen = {"saves": 0, "before": None}
+    save, replace = torch.save, os.replace
+
+    def full(*args):  # the second checkpoint (step 8) hits a full disk
+        seen["saves"] += 1
+        if seen["saves"] == 2:
+            seen["before"] = open(path, "rb").read()
+            return True
+    if where == "os.replace":
+        def failing_replace(src, dst):
+            if dst == path and full():
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return replace(src, dst)
+        monkeypatch.setattr(common.os, "replace", failing_replace)
+    else:
+        def failing_save(obj, f, *args, **kwargs):
+            if full():
+                if where == "torch.save":
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                f = FullDisk(f)
+            return save(obj, f, *args, **kwargs)
+        monkeypatch.setattr(common.torch, "save", failing_save)
+    code, err = cli(train.main, tiny_flags(data_dir, out, **EXACT), capsys)
+    assert code == 1 and err == (f"error: cannot write checkpoint {path} at step 8 (No space left on device); "
+                                 "the previous checkpoint, at step 4, is intact\n")
+    assert open(path, "rb").read() == seen["before"] and ckpt_of(out)["step"] == 4
+    assert not glob.glob(os.path.join(out, "*.tmp.*"))
+    monkeypatch.undo()  # space freed: the run resumes and loses nothing
+    train.main(tiny_flags(data_dir, out, resume=True, **EXACT))
+    assert_same_run(reference, out)
+
+
+# --- bad flags: random names and values never give a traceback -----------------------------------
+
+# what a shell can pass: no NUL, no lone surrogates
+TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
+NUMBERS = st.sampled_from(["0", "1", "-1", "2.5", "1e1", "-0", "1_0", " 3", "0x10", "nan", "inf", "-inf",
+                           "True", "off", ""])
+HUGE = st.sampled_from(["1e400", "9" * 30, "-9" * 20, "1e30", "18446744073709551616"])
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 30)), deadline=None, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def flags(classes, leave_out=(), small=(), huge=True):
+    """Random flags: the config's names with valid, junk or huge values, made-up names, stray words.
+
+    `small` names get only small numbers (they size the work); `leave_out` names are never drawn.
+    """
+    table = {n: v for n, v in common.config_fields(classes).items() if n not in leave_out}
+    junk = st.one_of(NUMBERS, st.integers(-3, 40).map(str), st.floats(-3, 3).map(str), TEXT,
+                     *([HUGE, st.integers().map(str)] if huge else []))
+
+    def value(name):
+        _, f, typ = table[name]
+        if f.metadata.get("choices"):
+            valid = st.sampled_from(f.metadata["choices"])
+        elif typ is bool:
+            valid = st.sampled_from(["True", "False", "1", "off"])
+        elif typ is int:
+            valid = st.integers(0, 8).map(str)
+        elif typ is float:
+            valid = st.floats(0, 1).map(str)
+        else:
+            valid = TEXT
+        return st.one_of(valid, valid, NUMBERS, st.integers(-3, 40).map(str)) if name in small else st.one_of(valid, valid, junk)
+    made_up = st.from_regex(r"[a-z_]{1,12}", fullmatch=True)
+    names = st.sampled_from(sorted(table))
+    flag = st.one_of(
+        *[names.flatmap(lambda n: value(n).map(lambda v: f"--{n}={v}"))] * 4,  # the common case
+        names.map(lambda n: f"--{n}"),  # no value
+        made_up.map(lambda n: f"--{n}=1"),
+        TEXT.map(lambda t: "--" + t),
+        TEXT.filter(lambda t: not t.startswith("-")),  # a stray positional
+    )
+    return st.lists(flag, max_size=4)
+
+
+def check_cli(main, argv, allowed=(0, 2)):
+    """Run; it either succeeds or exits with a one-line `error:` message, never a traceback."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_main(main, argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    msg = err.getvalue()
+    assert code in allowed, (argv, code, msg)
+    if code not in (0, None):
+        assert msg.startswith("error: ") and msg.count("\n") == 1, (argv, msg)
+    return code
+
+
+@given(argv=flags([train.GPTConfig, train.TrainConfig]))
+@FUZZ
+def test_fuzz_train_flags_validate_before_anything_runs(argv, tmp_path_factory):
+    empty = tmp_path_factory.mktemp("empty")  # no dataset: whatever the flags, nothing can train
+    check_cli(train.main, argv + [f"--data_dir={empty}", f"--out_dir={empty}/run", "--compile=False"])
+    assert os.listdir(empty) == []
+
+
+TRAIN_SIZES = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "total_batch_size",
+               "gradient_accumulation_steps", "max_iters", "max_tokens", "warmup_iters"}
+
+
+@pytest.mark.slow
+@given(argv=flags([train.GPTConfig, train.TrainConfig], leave_out={"data_dir", "out_dir", "dataset", "compile"},
+                  small=TRAIN_SIZES))
+@FUZZ
+def test_fuzz_train_flags_on_real_data(argv, data_dir):
+    out = os.path.join(os.path.dirname(data_dir), "fuzz", uuid.uuid4().hex)
+    base = tiny_flags(data_dir, out, max_iters=2, total_batch_size=128, eval_tokens=64)
+    # exit 1 is a run that diverged (a huge learning rate): one line, the last checkpoint kept
+    check_cli(train.main, base + argv + ["--compile=False", f"--out_dir={out}"], allowed=(0, 1, 2))
+
+
+@given(argv=flags([eval_py.EvalConfig], leave_out={"ledger", "export_hf", "data_dir"}))
+@FUZZ
+def test_fuzz_eval_flags(argv, data_dir, finished_run):
+    check_cli(eval_py.main, [os.path.join(finished_run, "ckpt.pt"), f"--data_dir={data_dir}", "--dataset=syn",
+                             *argv, "--ledger=", "--export_hf="])
+
+
+@pytest.fixture(scope="module")
+def gpt2_vocab_run(data_dir, tmp_path_factory):
+    """A tiny run with GPT-2's vocabulary, so that prompts fit and sampling runs."""
+    out = str(tmp_path_factory.mktemp("wide") / "run")
+    train.main(tiny_flags(data_dir, out, max_iters=1, total_batch_size=128, vocab_size=50257))
+    return out
+
+
+@given(argv=flags([sample.SampleConfig], small={"num_samples", "max_new_tokens"}))
+@FUZZ
+def test_fuzz_sample_flags(argv, gpt2_vocab_run):
+    check_cli(sample.main, [gpt2_vocab_run, *argv])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    path.write_text("".join(f'{{"id": "{i}", "text": "document {i} says {"hello " * (i % 7)}"}}\n' for i in range(40)))
+    return str(path)
+
+
+@given(argv=flags([prepare_data.PrepConfig], leave_out={"input", "data_dir", "num_proc"}))
+@settings(FUZZ, max_examples=FUZZ.max_examples * 2 // 3)
+def test_fuzz_prepare_data_flags(argv, corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("prep")
+    check_cli(prepare_data.main, ["--dataset=fuzz", *argv, f"--input={corpus}", f"--data_dir={root}", "--num_proc=1"])
