@@ -83,13 +83,14 @@ def encode_batch(docs):
     """[(id or None, text)] -> (uint16 tokens with EOT before each document, lengths, keys)."""
     if _enc is None:
         _init_worker()
-    parts, lens, keys = [], [], []
+    flat, lens, keys = [], [], []
     for doc_id, text in docs:
         toks = _enc.encode_ordinary(text)
-        parts.append(np.array([EOT, *toks], dtype=np.uint16))
+        flat.append(EOT)
+        flat.extend(toks)
         lens.append(len(toks) + 1)
         keys.append(split_key(doc_id, text))
-    tokens = np.concatenate(parts) if parts else np.zeros(0, np.uint16)
+    tokens = np.array(flat, dtype=np.uint16)
     return tokens, np.array(lens, dtype=np.int64), np.array(keys, dtype=np.uint64)
 
 
