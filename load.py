@@ -195,6 +195,8 @@ def export_hf(model, out_dir):
         if name == "lm_head.weight" and c.tie_weights:
             continue  # stored once, as wte; tie_word_embeddings says to share it
         tensor = tensor.t() if name.endswith(CONV1D) else tensor
+        if name in ("transformer.wte.weight", "lm_head.weight"):
+            tensor = tensor[: c.vocab_size]  # pad_vocab's unused rows are not part of the model
         state[name] = tensor.detach().float().cpu().contiguous()
     if not c.qkv_bias:
         for i in range(c.n_layer):

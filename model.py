@@ -24,6 +24,12 @@ class GPTConfig:
     dropout: float = field(0.1, "dropout on attention weights, residual branches and embeddings")
     qkv_bias: bool = field(False, "bias on the query/key/value projection only")
     tie_weights: bool = field(False, "share the token embedding with the output head")
+    pad_vocab: bool = field(False, "pad embedding and head rows to a multiple of 64 (faster; adds parameters)")
+
+    @property
+    def padded_vocab(self):
+        """Rows of wte and lm_head: vocab_size, or rounded up to 64 (50257 -> 50304) for aligned matmuls."""
+        return -(-self.vocab_size // 64) * 64 if self.pad_vocab else self.vocab_size
 
 
 class CausalSelfAttention(nn.Module):
@@ -85,13 +91,13 @@ class GPT(nn.Module):
         # tie_weights on changes only the parameters it adds or removes, not the others.
         rng = torch.get_rng_state()
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wte=nn.Embedding(config.padded_vocab, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab, bias=False)
         torch.set_rng_state(rng)
         self.apply(self._init_weights)
         if config.tie_weights:
@@ -103,7 +109,13 @@ class GPT(nn.Module):
             std = 0.02
             if getattr(module, "RESIDUAL_SCALE", False):
                 std /= math.sqrt(2 * self.config.n_layer)
-            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            weight = module.weight
+            if module is self.transformer.wte or module is self.lm_head:
+                # pad_vocab's extra rows start at zero and draw nothing from the RNG, so padding
+                # leaves every other initial weight as it was (and those rows are never used)
+                torch.nn.init.zeros_(weight)
+                weight = weight[: self.config.vocab_size]
+            torch.nn.init.normal_(weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
@@ -123,7 +135,9 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, padded_vocab)
+        if self.config.pad_vocab:
+            logits = logits[..., : self.config.vocab_size]  # padded ids are never predicted
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))

@@ -162,6 +162,48 @@ def configure_optimizer(model, tc, device_type):
                              fused=device_type == "cuda")
 
 
+def wrap_model(model, tc, d):
+    """(compiled model, its DDP wrapper or itself): compile first, then DDP; `model` stays the
+    plain module that checkpoints save."""
+    fwd_model = torch.compile(model) if tc.compile else model
+    if d.world_size == 1:
+        return fwd_model, fwd_model
+    return fwd_model, DDP(fwd_model, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
+
+
+def to_device(arrays, device):
+    """numpy batch -> device tensors; on CUDA through pinned memory, so the copy does not block."""
+    tensors = [torch.from_numpy(a) for a in arrays]
+    if device.startswith("cuda"):
+        tensors = [t.pin_memory() for t in tensors]
+    return [t.to(device, non_blocking=True) for t in tensors]
+
+
+def accumulate_gradients(ddp_model, model, optimizer, scaler, batches, accum, ctx, d, grad_clip):
+    """Forward and backward over one step's micro-batches, then unscale and clip.
+
+    Returns (sum of the micro-batch mean losses, pre-clip global gradient norm), both still on
+    the device: nothing here waits for the device, so the next batch is read while it works.
+    bench.py times exactly this function.
+    """
+    loss_sum = torch.zeros((), device=d.device)
+    for micro, arrays in enumerate(batches):
+        x, y = to_device(arrays, d.device)
+        # DDP all-reduces gradients only on the last micro-batch
+        sync = ddp_model.no_sync() if d.world_size > 1 and micro < accum - 1 else nullcontext()
+        with sync:
+            with ctx:
+                _, loss = ddp_model(x, y)
+            loss_sum += loss.detach()
+            scaler.scale(loss / accum).backward()
+    scaler.unscale_(optimizer)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)  # pre-clip global norm
+    if grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), grad_clip, norm)
+    return loss_sum, norm
+
+
 def step_seed(seed, step, rank):
     """Dropout RNG seed of one step on one rank: resume needs no RNG state to be bitwise exact."""
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
@@ -271,9 +313,7 @@ def train(mc, tc, ckpt, d):
             f"{tc.batch_size} x {mc.block_size}, {plan.max_steps} steps")
     run.log("config: " + json.dumps({**asdict(mc), **asdict(tc)}))
 
-    fwd_model = torch.compile(model) if tc.compile else model
-    ddp_model = DDP(fwd_model, device_ids=[d.local_rank] if d.device_type == "cuda" else None) \
-        if d.world_size > 1 else fwd_model
+    fwd_model, ddp_model = wrap_model(model, tc, d)
     ctx = autocast(d.device_type, tc.dtype)
     peak = peak_flops(d.device, tc.dtype)
     flops_per_step = model.flops_per_token() * plan.tokens_per_step
@@ -328,20 +368,9 @@ def train(mc, tc, ckpt, d):
         for group in optimizer.param_groups:
             group["lr"] = lr
         torch.manual_seed(step_seed(tc.seed, step, d.rank))
-        loss_sum = torch.zeros((), device=d.device)
-        for micro in range(plan.accum):
-            x, y = (torch.from_numpy(a).to(d.device, non_blocking=True) for a in loader.batch(step, micro))
-            sync = ddp_model.no_sync() if d.world_size > 1 and micro < plan.accum - 1 else nullcontext()
-            with sync:
-                with ctx:
-                    _, loss = ddp_model(x, y)
-                loss_sum += loss.detach()
-                scaler.scale(loss / plan.accum).backward()
-        scaler.unscale_(optimizer)
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)  # pre-clip global norm
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(model.parameters(), tc.grad_clip, norm)
+        batches = (loader.batch(step, micro) for micro in range(plan.accum))
+        loss_sum, norm = accumulate_gradients(ddp_model, model, optimizer, scaler, batches, plan.accum,
+                                              ctx, d, tc.grad_clip)
         finite = torch.isfinite(loss_sum)
         if not scaler.is_enabled():  # with float16 the GradScaler itself skips overflowing steps
             finite &= torch.isfinite(norm)

@@ -1,0 +1,105 @@
+"""bench.py and the speed flags: MFU arithmetic, the benchmark's output, and flags that change
+speed but not results (pad_vocab, compile)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import bench
+import common
+import eval as eval_script
+import load
+import train
+from common import run_main
+from helpers import curve, make_shards, tiny_flags
+from model import GPT, GPTConfig
+
+ODD_VOCAB = 250  # pads to 256: pad_vocab really adds rows
+
+
+def test_peak_flops_table_and_unknown_devices(monkeypatch):
+    assert common.peak_flops("cpu", "bfloat16") is None  # a CPU: no invented number
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    assert common.peak_flops("cuda:0", "bfloat16") == 989e12
+    assert common.peak_flops("cuda:0", "float32") == 494e12  # TF32
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Some Future GPU")
+    assert common.peak_flops("cuda:0", "bfloat16") is None
+
+
+def test_mfu_of_gpt2_small_at_the_goal_rate():
+    # 124M at 450k tokens/s on one H100 in bf16 is the issue's 45% MFU goal, by the same arithmetic
+    with torch.device("meta"):
+        model = GPT(GPTConfig(qkv_bias=True, tie_weights=True))
+    assert model.flops_per_token() * 450_000 / 989e12 == pytest.approx(0.389, abs=1e-3)
+    with torch.device("meta"):
+        padded = GPT(GPTConfig(qkv_bias=True, tie_weights=True, pad_vocab=True))
+    assert padded.config.padded_vocab == 50304
+    assert padded.num_params() - model.num_params() == 47 * 768  # the padding rows are counted
+
+
+def test_bench_prints_every_field_and_writes_a_profile(tmp_path, capsys):
+    run_main(bench.main, ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--vocab_size=256",
+                          "--batch_size=4", "--total_batch_size=256", "--compile=False", "--dtype=float32",
+                          "--device=cpu", "--steps=2", "--warmup=1", f"--profile={tmp_path / 'prof'}"])
+    out = capsys.readouterr().out
+    lines = dict(line.split(None, 1) for line in out.strip().splitlines())
+    assert set(lines) == {"model", "step", "tokens/s", "ms/step", "mfu", "memory", "loader", "eval", "profile"}
+    assert float(lines["tokens/s"].replace(",", "")) > 0 and float(lines["ms/step"]) > 0
+    assert lines["mfu"] == "n/a (no known peak throughput for cpu)"
+    assert lines["step"].startswith("256 tokens = 1 ranks x 2 x 4 x 32")
+    with open(tmp_path / "prof" / "trace.json") as f:
+        assert json.load(f)["traceEvents"]
+
+
+def test_bench_bad_input_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_main(bench.main, ["--steps=0"])
+    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return make_shards(tmp_path / "data", vocab=ODD_VOCAB)
+
+
+def test_pad_vocab_changes_speed_not_results(data_dir, tmp_path):
+    torch.manual_seed(0)
+    plain = dict(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=ODD_VOCAB)).named_parameters())
+    torch.manual_seed(0)
+    padded = dict(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=ODD_VOCAB,
+                                pad_vocab=True)).named_parameters())
+    for name, p in plain.items():  # the same initial weights; the extra rows are zeros
+        assert torch.equal(padded[name][: p.size(0)], p), name
+    assert padded["lm_head.weight"].shape[0] == 256 and not padded["lm_head.weight"][ODD_VOCAB:].any()
+
+    flags = dict(vocab_size=ODD_VOCAB, max_iters=6, tie_weights=True)
+    train.main(tiny_flags(data_dir, str(tmp_path / "a"), **flags))
+    train.main(tiny_flags(data_dir, str(tmp_path / "b"), pad_vocab=True, **flags))
+    a, b = curve(tmp_path / "a"), curve(tmp_path / "b")
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+
+    # an exported padded model is the plain GPT-2 shape, with the same logits
+    from transformers import GPT2LMHeadModel
+    out = tmp_path / "hf"
+    run_main(eval_script.main, [str(tmp_path / "b"), f"--export_hf={out}"])
+    hf = GPT2LMHeadModel.from_pretrained(str(out)).eval()
+    model, _ = load.load_model(str(tmp_path / "b"))
+    assert hf.config.vocab_size == ODD_VOCAB and model.config.pad_vocab
+    x = torch.randint(0, ODD_VOCAB, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x)[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compile_changes_speed_not_results(data_dir, tmp_path):
+    flags = dict(vocab_size=ODD_VOCAB, max_iters=4, eval_interval=0)
+    train.main(tiny_flags(data_dir, str(tmp_path / "eager"), **flags))
+    train.main(tiny_flags(data_dir, str(tmp_path / "compiled"), compile=True, **flags))
+    for x, y in zip(curve(tmp_path / "eager"), curve(tmp_path / "compiled")):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+    assert os.path.exists(tmp_path / "compiled" / "ckpt.pt")
