@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO := out/demo
 
-.PHONY: test demo clean
+.PHONY: test demo bench clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,15 @@ demo: $(VENV)/.installed
 	$(BIN)/python eval.py $(DEMO)/tiny-best --dataset=sample --split=test --ledger=$(DEMO)/results.jsonl
 	$(BIN)/python sample.py $(DEMO)/tiny-best --num_samples=3 --max_new_tokens=30
 	$(BIN)/python compare.py $(DEMO)/tiny $(DEMO)/tiny-best --charts=$(DEMO)/charts
+
+# The CPU figures of BENCHMARKS.md; `make bench NANOGPT=path/to/nanoGPT` adds the side-by-side.
+bench: $(VENV)/.installed
+	$(BIN)/python bench.py config/tiny.toml --steps=10 --warmup=3
+	$(BIN)/python bench.py config/tiny.toml --steps=10 --warmup=3 --pad_vocab=True
+	$(BIN)/python bench.py config/tiny.toml --steps=10 --warmup=3 --dtype=bfloat16
+	$(BIN)/python bench.py config/tiny.toml --steps=10 --warmup=3 --dtype=bfloat16 --compile=True
+	$(BIN)/python benchmarks/bench_tokenizer.py
+	$(if $(NANOGPT),$(BIN)/python benchmarks/vs_nanogpt.py $(NANOGPT) --repeats=2 --stat=min)
 
 clean:
 	rm -rf $(VENV) out
