@@ -29,7 +29,7 @@ demo: $(VENV)/.installed
 	rm -rf $(DEMO)
 	$(BIN)/python train.py config/tiny.toml --out_dir=$(DEMO)/tiny
 	$(BIN)/python eval.py $(DEMO)/tiny --dataset=sample --split=test --ledger=$(DEMO)/results.jsonl
-	$(BIN)/python train.py config/tiny.toml config/best.toml --out_dir=$(DEMO)/tiny-best
+	$(BIN)/python train.py config/tiny.toml config/best.toml --run_name=tiny-best --out_dir=$(DEMO)/tiny-best
 	$(BIN)/python eval.py $(DEMO)/tiny-best --dataset=sample --split=test --ledger=$(DEMO)/results.jsonl
 	$(BIN)/python sample.py $(DEMO)/tiny-best --num_samples=3 --max_new_tokens=30
 	$(BIN)/python compare.py $(DEMO)/tiny $(DEMO)/tiny-best --charts=$(DEMO)/charts
