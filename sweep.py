@@ -9,7 +9,6 @@ A factor is `field=low,high`; the first level is the baseline's. Fields that mov
 one factor: --factor 'learning_rate=0.0004,0.0014 lr_schedule=constant,cosine'.
 """
 
-import itertools
 import math
 import os
 import shlex

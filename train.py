@@ -7,13 +7,10 @@ Precedence: dataclass defaults (the story's baseline) < presets < flags. `--help
 """
 
 import dataclasses
-import glob
 import json
 import math
 import os
-import re
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -23,12 +20,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (CHECKPOINT_VERSION, RunError, UsageError, atomic_write, autocast, environment, field,
-                    load_checkpoint, parse_config, peak_flops, print0, run_main, save_checkpoint,
-                    set_tf32, setup_dist, teardown_dist, write_json)
+from common import (CHECKPOINT_VERSION, RunError, UsageError, autocast, environment, field, load_checkpoint,
+                    parse_config, peak_flops, run_main, save_checkpoint, set_tf32, setup_dist, teardown_dist,
+                    write_json)
 from data import TrainLoader, eval_windows, find_shards, read_windows
 from eval import evaluate
 from model import GPT, GPTConfig
+from rundir import Run, keep_snapshots
 
 USAGE = "[config/PRESET.toml ...] [--key=value ...]"
 
@@ -236,38 +234,6 @@ def resolve_config(argv):
     return mc, tc, ckpt
 
 
-class Run:
-    """Run-directory outputs on rank 0: log.txt, metrics.jsonl, config.json, checkpoints."""
-
-    def __init__(self, tc, master, resume_step):
-        self.dir, self.master = tc.out_dir, master
-        self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
-        if not master:
-            return
-        os.makedirs(self.dir, exist_ok=True)
-        for name in ("ckpt.pt", "metrics.jsonl", "config.json"):  # temp files of writes a crash cut short
-            for stray in glob.glob(glob.escape(os.path.join(self.dir, name)) + ".tmp.*"):
-                os.remove(stray)
-        if resume_step is not None and os.path.exists(self.metrics_path):
-            # rows logged after the checkpoint will be logged again, and a row cut short by a crash
-            # ends the file: drop them
-            with open(self.metrics_path) as f:
-                rows = [line for line in f if line.endswith("\n") and _step_of(line) <= resume_step]
-            atomic_write(self.metrics_path, lambda f: f.write("".join(rows).encode()))
-        self.log_file = open(os.path.join(self.dir, "log.txt"), "a")
-
-    def log(self, msg):
-        print0(msg)
-        if self.master:
-            self.log_file.write(msg + "\n")
-            self.log_file.flush()
-
-    def metrics(self, row):
-        if self.master:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-
 def main(argv):
     mc, tc, ckpt = resolve_config(argv)
     d = setup_dist(tc.device)
@@ -350,7 +316,7 @@ def train(mc, tc, ckpt, d):
             else:
                 saved["step"] = step
                 if tc.keep_checkpoints:
-                    _keep_snapshots(tc.out_dir, path, step, tc.keep_checkpoints)
+                    keep_snapshots(tc.out_dir, path, step, tc.keep_checkpoints)
         if d.world_size > 1:  # doubles as the barrier: every rank learns whether the write failed
             failed = torch.tensor([error is not None], dtype=torch.int32, device=d.device)
             dist.all_reduce(failed)
@@ -451,24 +417,6 @@ def _diverged(tc, step, saved_step):
         else "no checkpoint was written"
     raise RunError(f"non-finite loss or gradient at step {step}: stopping; {kept}. Lower "
                      "--learning_rate, set --grad_clip, or use --nonfinite=skip")
-
-
-def _keep_snapshots(out_dir, path, step, keep):
-    """Hard-link the new checkpoint as ckpt_STEP.pt and delete snapshots beyond the last `keep`."""
-    snap = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
-    if not os.path.exists(snap):
-        os.link(path, snap)
-    snaps = [m for m in map(re.compile(r"ckpt_(\d+)\.pt").fullmatch, os.listdir(out_dir)) if m]
-    for old in sorted(snaps, key=lambda m: int(m[1]))[:-keep]:  # by step: ckpt_10000000 is newer than ckpt_9999999
-        os.remove(os.path.join(out_dir, old[0]))
-
-
-def _step_of(line):
-    """Step of a metrics.jsonl row; a row cut short by a crash counts as after every checkpoint."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
 
 
 if __name__ == "__main__":

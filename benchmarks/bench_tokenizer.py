@@ -19,6 +19,7 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import prepare_data  # noqa: E402
+import sources  # noqa: E402
 from common import field, parse_config, run_main  # noqa: E402
 from data import get_tokenizer  # noqa: E402
 
@@ -45,7 +46,7 @@ def main(argv):
     with gzip.open(prepare_data.SAMPLE, "rt") as f:
         texts = [json.loads(line)["text"] for line in f] * cfg.copies
     docs = [(None, t) for t in texts]
-    batches = [docs[i:i + prepare_data.BATCH_DOCS] for i in range(0, len(docs), prepare_data.BATCH_DOCS)]
+    batches = [docs[i:i + sources.BATCH_DOCS] for i in range(0, len(docs), sources.BATCH_DOCS)]
     enc = get_tokenizer()
 
     with multiprocessing.Pool(n, initializer=prepare_data._init_worker) as pool:

@@ -1,6 +1,5 @@
 """sweep.py and design.py: designs, their alias structure, and effects recovered from known answers."""
 
-import itertools
 import os
 
 import numpy as np
