@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 
+from common import run_main
 from data import write_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,3 +92,24 @@ def fake_run(root, name, test_loss=None, rows=(), world_size=1, **config):
         with open(os.path.join(out, "eval.json"), "w") as f:
             json.dump({f"{tc['dataset']}/test": {"loss": test_loss, "tokens": 1024}}, f)
     return out
+
+
+def snapshot(root):
+    """Every file under root with its bytes: to show that nothing was written or overwritten."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                out[os.path.relpath(os.path.join(dirpath, name), root)] = f.read()
+    return out
+
+
+def cli(main, argv, capsys):
+    """(exit status, stderr) of a script's main called as its command line would."""
+    capsys.readouterr()
+    try:
+        run_main(main, [str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err

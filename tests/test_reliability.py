@@ -20,13 +20,11 @@ import torch
 
 import common
 import data
-import eval as eval_py
 import rundir
-import sample
 import train
-from common import UsageError, load_checkpoint, run_main
+from common import UsageError, load_checkpoint
 from data import write_shard
-from helpers import ROOT, curve, make_shards, read_metrics, synthetic_tokens, tiny_flags
+from helpers import ROOT, cli, curve, make_shards, read_metrics, snapshot, synthetic_tokens, tiny_flags
 from load import load_model
 
 FAULT_TRAIN = os.path.join(ROOT, "tests", "fault_train.py")
@@ -94,27 +92,6 @@ def assert_close_run(ref, out):
     wa, wb = ckpt_of(ref)["model"], ckpt_of(out)["model"]
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
-
-
-def snapshot(root):
-    """Every file under root with its bytes: to show that nothing was written or overwritten."""
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                out[os.path.relpath(os.path.join(dirpath, name), root)] = f.read()
-    return out
-
-
-def cli(main, argv, capsys):
-    """(exit status, stderr) of a script's main called as its command line would."""
-    capsys.readouterr()
-    try:
-        run_main(main, [str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def stop_after(monkeypatch, step):
@@ -313,73 +290,6 @@ def test_resume_refuses_other_tokens_per_step_or_other_shards(tmp_path, capsys):
                                            batch_size=4), capsys)
     assert code == 2 and "(2 files, 45000 tokens) differ from those it trained on (1 files, 40000 tokens)" in err
     assert snapshot(out) == before
-
-
-# --- bad files -----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("damage", ["truncated", "corrupted"])
-def test_a_damaged_checkpoint_is_refused_by_every_script(damage, data_dir, finished_run, tmp_path, capsys):
-    out = shutil.copytree(finished_run, tmp_path / "run")
-    path = os.path.join(out, "ckpt.pt")
-    raw = open(path, "rb").read()
-    mid = len(raw) // 2
-    raw = raw[:mid] if damage == "truncated" else raw[:mid] + bytes(b ^ 0xFF for b in raw[mid:mid + 64]) + raw[mid + 64:]
-    with open(path, "wb") as f:
-        f.write(raw)
-    before = snapshot(out)
-    for main, argv in [(train.main, tiny_flags(data_dir, out, resume=True, max_iters=2, total_batch_size=128)),
-                       (eval_py.main, [path, f"--data_dir={data_dir}", "--dataset=syn", "--ledger="]),
-                       (sample.main, [out, "--max_new_tokens=2"])]:
-        code, err = cli(main, argv, capsys)
-        assert code == 2 and err.startswith(f"error: checkpoint {path} is unreadable") and err.count("\n") == 1, err
-    assert snapshot(out) == before
-
-
-def damage_shard(path, how):
-    n = data.read_header(path)
-    if how == "magic":
-        with open(path, "r+b") as f:
-            f.write(np.int32(12345).tobytes())
-    elif how == "size":
-        os.truncate(path, os.path.getsize(path) - 10)
-    elif how == "vocab":  # as if made by another tokenizer: ids up to 511 for a 256-token model
-        write_shard(path, synthetic_tokens(n, vocab=512))
-    elif how == "short":
-        write_shard(path, synthetic_tokens(20))
-
-
-@pytest.mark.parametrize("split,how,message", [
-    ("train", "magic", "has magic 12345, expected 20240520"),
-    ("train", "size", "header says 40000 tokens: truncated or corrupted"),
-    ("train", "vocab", "outside the model's vocab_size 256"),
-    ("train", "short", "one optimizer step needs 257 tokens in a shard but the largest train shard holds 20"),
-    ("val", "vocab", "outside the model's vocab_size 256"),
-    ("val", "short", "(20 tokens) is shorter than one block of 33 tokens"),
-])
-def test_a_bad_shard_is_one_line_naming_the_file(split, how, message, finished_run, tmp_path, capsys):
-    data_dir = make_shards(tmp_path / "data")
-    shard = os.path.join(data_dir, "syn", f"{split}_000000.bin")
-    damage_shard(shard, how)
-    before = snapshot(data_dir)
-    runs = [(train.main, tiny_flags(data_dir, tmp_path / "new"))]
-    if split == "val":
-        runs.append((eval_py.main, [finished_run, f"--data_dir={data_dir}", "--dataset=syn", "--split=val", "--ledger="]))
-    for main, argv in runs:
-        code, err = cli(main, argv, capsys)
-        assert code == 2 and message in err and shard in err and err.count("\n") == 1, err
-    assert not os.path.exists(tmp_path / "new")  # a refused run writes nothing
-    assert snapshot(data_dir) == before
-
-
-def test_bad_tokens_refuse_a_resume_before_anything_is_written(finished_run, tmp_path, capsys):
-    data_dir = make_shards(tmp_path / "data")
-    damage_shard(os.path.join(data_dir, "syn", "train_000000.bin"), "vocab")  # same size, other ids
-    out = shutil.copytree(finished_run, tmp_path / "run")
-    before = snapshot(out)
-    code, err = cli(train.main, tiny_flags(data_dir, out, resume=True, max_iters=2, total_batch_size=128), capsys)
-    assert code == 2 and "outside the model's vocab_size 256" in err
-    assert snapshot(out) == before  # not even log.txt or metrics.jsonl
 
 
 # --- numerics ------------------------------------------------------------------------------------
