@@ -68,11 +68,9 @@ def main(argv):
     if bc.profile and os.path.exists(bc.profile) and not os.path.isdir(bc.profile):
         raise UsageError(f"--profile={bc.profile} is a file; give a directory")
     d = setup_dist(tc.device)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            bench(mc, replace(tc, max_iters=bc.warmup + bc.steps, max_tokens=0), bc, d, tmp)
-    finally:
-        teardown_dist()
+    with tempfile.TemporaryDirectory() as tmp:
+        bench(mc, replace(tc, max_iters=bc.warmup + bc.steps, max_tokens=0), bc, d, tmp)
+    teardown_dist()
 
 
 def bench(mc, tc, bc, d, tmp):

@@ -242,7 +242,14 @@ def setup_dist(device="auto"):
 
 
 def teardown_dist():
+    """After a clean finish: wait until every rank is done, then destroy the process group.
+
+    The barrier means no rank tears gloo down while a peer still talks to it (a rank could die
+    with SIGABRT at exit). Call it only on success: after an error on one rank the others may sit
+    in a collective, and a barrier or destroy would hang; the process exit cleans up instead.
+    """
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

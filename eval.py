@@ -85,26 +85,24 @@ def main(argv):
         print(f"wrote {ec.export_hf}: transformers.GPT2LMHeadModel.from_pretrained({ec.export_hf!r}) loads it")
         return
     d = setup_dist(ec.device)
-    try:
-        shards = find_shards(ec.data_dir, ec.dataset, ec.split)  # before a model download: fail fast
-        model, info = load_model(spec, d.device)
-        windows = eval_windows(shards, model.config.block_size, ec.eval_tokens)
-        set_tf32(False)  # float32 means float32: TF32 matmuls would move the sixth decimal
-        t0 = time.time()
-        loss, tokens = evaluate(model, windows, ec.batch_size, d.device, ec.dtype, d.rank, d.world_size)
-        seconds = time.time() - t0
-        row = {**info, "dataset": ec.dataset, "split": ec.split, "eval_tokens": ec.eval_tokens,
-               "dtype": ec.dtype, "loss": loss, "ppl": math.exp(loss), "tokens": tokens,
-               "seconds": round(seconds, 3), "batch_size": ec.batch_size, "device": d.device,
-               "world_size": d.world_size, "git_commit": git_commit(),
-               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        if d.master:
-            record(row, ec.ledger)
-        print0(json.dumps(row) if ec.json else
-               f"{ec.dataset}/{ec.split} loss {loss:.6f} ppl {row['ppl']:.2f} tokens {tokens:,} "
-               f"model {info['model']} ({duration(seconds)})")
-    finally:
-        teardown_dist()
+    shards = find_shards(ec.data_dir, ec.dataset, ec.split)  # before a model download: fail fast
+    model, info = load_model(spec, d.device)
+    windows = eval_windows(shards, model.config.block_size, ec.eval_tokens)
+    set_tf32(False)  # float32 means float32: TF32 matmuls would move the sixth decimal
+    t0 = time.time()
+    loss, tokens = evaluate(model, windows, ec.batch_size, d.device, ec.dtype, d.rank, d.world_size)
+    seconds = time.time() - t0
+    row = {**info, "dataset": ec.dataset, "split": ec.split, "eval_tokens": ec.eval_tokens,
+           "dtype": ec.dtype, "loss": loss, "ppl": math.exp(loss), "tokens": tokens,
+           "seconds": round(seconds, 3), "batch_size": ec.batch_size, "device": d.device,
+           "world_size": d.world_size, "git_commit": git_commit(),
+           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if d.master:
+        record(row, ec.ledger)
+    print0(json.dumps(row) if ec.json else
+           f"{ec.dataset}/{ec.split} loss {loss:.6f} ppl {row['ppl']:.2f} tokens {tokens:,} "
+           f"model {info['model']} ({duration(seconds)})")
+    teardown_dist()
 
 
 def record(row, ledger):

@@ -243,7 +243,7 @@ def main(argv):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        teardown_dist()
+    teardown_dist()
 
 
 def train(mc, tc, ckpt, d):

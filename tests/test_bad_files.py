@@ -13,17 +13,7 @@ import eval as eval_py
 import sample
 import train
 from data import write_shard
-from helpers import cli, make_shards, snapshot, synthetic_tokens, tiny_flags, tiny_run
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def finished_run(data_dir, tmp_path_factory):
-    return os.path.dirname(tiny_run(data_dir, tmp_path_factory.mktemp("finished") / "run"))
+from helpers import cli, make_shards, snapshot, synthetic_tokens, tiny_flags
 
 
 # --- bad files -----------------------------------------------------------------------------------

@@ -19,17 +19,7 @@ import prepare_data
 import sample
 import train
 from common import run_main
-from helpers import make_shards, tiny_flags, tiny_run
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def finished_run(data_dir, tmp_path_factory):
-    return os.path.dirname(tiny_run(data_dir, tmp_path_factory.mktemp("finished") / "run"))
+from helpers import tiny_flags
 
 
 # --- bad flags: random names and values never give a traceback -----------------------------------

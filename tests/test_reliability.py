@@ -35,11 +35,6 @@ WORLD = dict(max_iters=12, lr_schedule="cosine", warmup_iters=3, grad_clip=1.0, 
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
     """The uninterrupted run that every interrupted one must match bit for bit."""
     out = str(tmp_path_factory.mktemp("reference") / "run")
@@ -52,13 +47,6 @@ def world_reference(data_dir, tmp_path_factory):
     """One process, 2 micro-batches of 4 sequences per step."""
     out = str(tmp_path_factory.mktemp("world_reference") / "run")
     train.main(tiny_flags(data_dir, out, **WORLD))
-    return out
-
-
-@pytest.fixture(scope="module")
-def finished_run(data_dir, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("finished") / "run")
-    train.main(tiny_flags(data_dir, out, max_iters=2, total_batch_size=128))
     return out
 
 
