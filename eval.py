@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from common import (UsageError, autocast, field, git_commit, parse_config, print0, run_main, set_tf32,
                     setup_dist, teardown_dist, write_json)
@@ -49,20 +48,19 @@ def evaluate(model, windows, batch_size, device, dtype="float32", rank=0, world_
     Windows are dealt round-robin to ranks and the sums all-reduced, so any world size scores
     exactly the same tokens. Returns (loss, tokens).
     """
+    model = getattr(model, "_orig_mod", model)  # a compiled model wraps the original; eval runs eager
     was_training = model.training
     model.eval()
-    config = getattr(model, "_orig_mod", model).config  # a compiled model wraps the original
     mine = windows[rank::world_size]
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, token count)
     device_type = "cuda" if str(device).startswith("cuda") else "cpu"
+    chunk = 2**27 if device_type == "cuda" else 2**19  # logits at a time: see GPT.nll_sum
     for i in range(0, len(mine), batch_size):
-        x, y = read_windows(mine[i:i + batch_size], config.block_size, config.vocab_size)
+        x, y = read_windows(mine[i:i + batch_size], model.config.block_size, model.config.vocab_size)
         x = torch.from_numpy(x).to(device, non_blocking=True)
         y = torch.from_numpy(y).to(device, non_blocking=True)
         with autocast(device_type, dtype):
-            logits, _ = model(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum")
-        total[0] += loss.double()
+            total[0] += model.nll_sum(x, y, chunk)
         total[1] += y.numel()
     if world_size > 1:
         dist.all_reduce(total)

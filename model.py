@@ -126,8 +126,8 @@ class GPT(nn.Module):
         """Every parameter counted once (a tied head is not counted twice), embeddings included."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None):
-        """idx (B, T) token ids -> logits (B, T, vocab); loss = mean cross-entropy if targets."""
+    def body(self, idx):
+        """idx (B, T) token ids -> final hidden states (B, T, C): everything but the output head."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
@@ -135,13 +135,49 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, padded_vocab)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) token ids -> logits (B, T, vocab); loss = mean cross-entropy if targets."""
+        logits = self.lm_head(self.body(idx))  # (B, T, padded_vocab)
         if self.config.pad_vocab:
             logits = logits[..., : self.config.vocab_size]  # padded ids are never predicted
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
+
+    @torch.no_grad()
+    def nll_sum(self, idx, targets, chunk=2**19):
+        """Summed cross-entropy (float64) of targets (B, T), never holding the (B, T, vocab) logits.
+
+        The head runs on blocks of tokens and slices of the vocabulary, about `chunk` logits at a
+        time, keeping a running logsumexp and picking each target's logit from the slice that
+        holds it. On a CPU a cache-sized chunk (2**19 floats, 2 MB) scores 1.3-2x faster than one
+        (B*T, vocab) logits tensor written to memory and read back by log_softmax (BENCHMARKS.md);
+        on a GPU a large chunk keeps the kernels few and bounds the memory. Per-token losses are
+        summed in float64. Equal to cross_entropy(forward(idx)[0], targets, reduction="sum") up
+        to float rounding (tests/test_model.py).
+        """
+        h = self.body(idx).flatten(0, 1)  # (N, C)
+        y = targets.flatten()  # (N,)
+        weight = self.lm_head.weight[: self.config.vocab_size]  # pad_vocab's rows are never predicted
+        block = max(1, min(h.size(0), chunk // 512))  # tokens per block: slices of at least 512 columns
+        total = torch.zeros((), dtype=torch.float64, device=h.device)
+        for s in range(0, h.size(0), block):
+            hb, yb = h[s:s + block], y[s:s + block]
+            cols = max(1, chunk // hb.size(0))
+            lse = torch.full(yb.shape, -math.inf, device=h.device)
+            target = torch.zeros(yb.shape, device=h.device)
+            for v in range(0, weight.size(0), cols):
+                logits = F.linear(hb, weight[v:v + cols]).float()  # (block, cols)
+                lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
+                j = yb - v  # target's column in this slice, if it is here
+                here = (j >= 0) & (j < logits.size(1))
+                picked = logits.gather(1, j.clamp(0, logits.size(1) - 1).unsqueeze(1)).squeeze(1)
+                target = torch.where(here, picked, target)
+            total += (lse - target).double().sum()
+        return total
 
     def flops_per_token(self):
         """Training FLOPs per token: 6N for the matmuls plus 12*L*H*Q*T for attention (PaLM)."""

@@ -97,3 +97,35 @@ def test_flops_per_token_of_gpt2_small():
     with torch.device("meta"):
         model = GPT(gpt2_small(qkv_bias=True, tie_weights=True))
     assert model.flops_per_token() == 6 * 123_653_376 + 12 * 12 * 12 * 64 * 1024 == 855_166_464
+
+
+@pytest.mark.parametrize("chunk", [1, 333, 2**12, 2**19])  # 1: one column per slice; 333: uneven slices
+@pytest.mark.parametrize("pad_vocab", [False, True])
+def test_nll_sum_equals_cross_entropy_of_the_full_logits(chunk, pad_vocab):
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=101, pad_vocab=pad_vocab)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 1.0)  # spread the logits so that every slice matters
+    idx = torch.randint(0, 101, (3, 8))
+    targets = torch.randint(0, 101, (3, 8))
+    targets[0, :3] = torch.tensor([0, 100, 50])  # first and last ids of the vocabulary
+    with torch.no_grad():
+        logits, _ = model(idx)
+        expected = torch.nn.functional.cross_entropy(logits.double().view(-1, 101), targets.view(-1),
+                                                     reduction="sum")
+        got = model.nll_sum(idx, targets, chunk)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_nll_sum_under_bfloat16_autocast_matches_the_bfloat16_logits():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=101)).eval()
+    idx, targets = torch.randint(0, 101, (2, 8)), torch.randint(0, 101, (2, 8))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = model(idx)
+        got = model.nll_sum(idx, targets, 64)
+    assert logits.dtype == torch.bfloat16
+    expected = torch.nn.functional.cross_entropy(logits.double().view(-1, 101), targets.view(-1), reduction="sum")
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
