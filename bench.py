@@ -37,7 +37,7 @@ USAGE = "[config/PRESET.toml ...] [--key=value ...]"
 class BenchConfig:
     steps: int = field(10, "timed optimizer steps")
     warmup: int = field(3, "untimed steps first (compilation, allocator warm-up)")
-    eval_windows: int = field(0, "windows scored for the eval rate; 0: 4 x eval batch")
+    eval_windows: int = field(0, "windows scored for the eval rate; 0: as many tokens as the timed steps train on")
     profile: str = field("", "write a torch profiler trace (Chrome JSON) of 2 steps to this directory")
 
 
@@ -110,7 +110,9 @@ def bench(mc, tc, bc, d, tmp):
     load = timed(lambda: [to_device(loader.batch(0, m), d.device) for m in range(plan.accum)], bc.steps, d.device)
 
     eval_batch = tc.eval_batch_size or tc.batch_size
-    windows = eval_windows(shards, mc.block_size)[: bc.eval_windows or 4 * eval_batch]
+    # eval's rate is a mean over as much work as training's: the timed steps' tokens, by default
+    n_windows = bc.eval_windows or bc.steps * plan.tokens_per_step // mc.block_size
+    windows = eval_windows(shards, mc.block_size)[:n_windows]
     evaluate(fwd_model, windows[:eval_batch], eval_batch, d.device, tc.dtype)  # warm-up
     eval_dt = timed(lambda: evaluate(fwd_model, windows, eval_batch, d.device, tc.dtype), 1, d.device)
     eval_rate = len(windows) * mc.block_size / eval_dt

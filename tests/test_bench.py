@@ -52,6 +52,7 @@ def test_bench_prints_every_field_and_writes_a_profile(tmp_path, capsys):
     assert float(lines["tokens/s"].replace(",", "")) > 0 and float(lines["ms/step"]) > 0
     assert lines["mfu"] == "n/a (no known peak throughput for cpu)"
     assert lines["step"].startswith("256 tokens = 1 ranks x 2 x 4 x 32")
+    assert lines["eval"].endswith("(16 windows, batch 4)")  # as many tokens as 2 timed steps of 256
     with open(tmp_path / "prof" / "trace.json") as f:
         assert json.load(f)["traceEvents"]
 
