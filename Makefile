@@ -40,6 +40,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench.py config/tiny.toml --steps=10 --warmup=3 --pad_vocab=True
 	$(BIN)/python bench.py config/tiny.toml --steps=10 --warmup=3 --dtype=bfloat16
 	$(BIN)/python bench.py config/tiny.toml --steps=10 --warmup=3 --dtype=bfloat16 --compile=True
+	$(BIN)/python bench.py config/tiny.toml --steps=10 --warmup=3 --eval_batch_size=32
 	$(BIN)/python benchmarks/bench_tokenizer.py
 	$(if $(NANOGPT),$(BIN)/python benchmarks/vs_nanogpt.py $(NANOGPT) --repeats=2 --stat=min)
 
