@@ -107,14 +107,19 @@ def bench(mc, tc, bc, d, tmp):
         torch.cuda.reset_peak_memory_stats(d.device)
     dt = timed(step, bc.steps, d.device)
     memory = peak_memory(d.device)
+    if d.device_type == "cpu":
+        memory += f"; freed memory kept for reuse: {'yes' if d.kept_freed_memory else 'no (glibc absent or refused)'}"
     load = timed(lambda: [to_device(loader.batch(0, m), d.device) for m in range(plan.accum)], bc.steps, d.device)
 
     eval_batch = tc.eval_batch_size or tc.batch_size
     # eval's rate is a mean over as much work as training's: the timed steps' tokens, by default
     n_windows = bc.eval_windows or bc.steps * plan.tokens_per_step // mc.block_size
     windows = eval_windows(shards, mc.block_size)[:n_windows]
-    evaluate(fwd_model, windows[:eval_batch], eval_batch, d.device, tc.dtype)  # warm-up
-    eval_dt = timed(lambda: evaluate(fwd_model, windows, eval_batch, d.device, tc.dtype), 1, d.device)
+    # ranks share the windows and all-reduce, so the rate below is global, as training's is
+    evaluate(fwd_model, windows[:eval_batch * d.world_size], eval_batch, d.device, tc.dtype, d.rank,
+             d.world_size)  # warm-up
+    eval_dt = timed(lambda: evaluate(fwd_model, windows, eval_batch, d.device, tc.dtype, d.rank, d.world_size),
+                    1, d.device)
     eval_rate = len(windows) * mc.block_size / eval_dt
 
     if bc.profile and d.master:

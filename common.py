@@ -213,6 +213,7 @@ class Dist:
     local_rank: int
     world_size: int
     device: str
+    kept_freed_memory: bool = False  # keep_freed_memory() took effect (CPU, glibc)
 
     @property
     def master(self):
@@ -231,17 +232,16 @@ def setup_dist(device="auto"):
         raise UsageError(f"--device={device!r}: use auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device=cuda but no CUDA device is available; use --device=cpu")
-    if device == "cpu":
-        keep_freed_memory()
+    kept = device == "cpu" and keep_freed_memory()
     if "RANK" not in os.environ:
-        return Dist(0, 0, 1, device)
+        return Dist(0, 0, 1, device, kept)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return Dist(rank, local_rank, world_size, device)
+    return Dist(rank, local_rank, world_size, device, kept)
 
 
 def keep_freed_memory():
@@ -252,15 +252,17 @@ def keep_freed_memory():
     mmap whose pages the kernel zeroes on first touch: over half of the tiny model's step was that
     system time (BENCHMARKS.md). Raising the mmap and trim thresholds to their maximum lets the
     heap reuse the blocks. Numbers are unchanged; the process keeps its peak memory instead of
-    returning it. Returns False where there is no glibc mallopt (macOS, musl), which changes nothing.
+    returning it, and fragmentation can take it past that peak when tensor sizes vary.
+    Returns whether both settings took: False without glibc's mallopt (macOS, musl), and where
+    an older glibc refuses an mmap threshold above 32 MiB; then nothing else changes.
     """
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
     most = ctypes.c_int(2**31 - 1)  # mallopt takes an int
-    return bool(mallopt(M_MMAP_THRESHOLD, most)) and bool(mallopt(M_TRIM_THRESHOLD, most))
+    trim = mallopt(M_TRIM_THRESHOLD, most)  # set even if the next one is refused: harmless alone
+    return bool(mallopt(M_MMAP_THRESHOLD, most)) and bool(trim)
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
