@@ -157,7 +157,8 @@ class GPT(nn.Module):
         (B*T, vocab) logits tensor written to memory and read back by log_softmax (BENCHMARKS.md);
         on a GPU a large chunk keeps the kernels few and bounds the memory. Per-token losses are
         summed in float64. Equal to cross_entropy(forward(idx)[0], targets, reduction="sum") up
-        to float rounding (tests/test_model.py).
+        to float rounding (tests/test_model.py). Every target must be an id below vocab_size:
+        there is no ignore_index (data.read_windows checks the ids).
         """
         h = self.body(idx).flatten(0, 1)  # (N, C)
         y = targets.flatten()  # (N,)

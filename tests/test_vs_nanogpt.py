@@ -20,7 +20,8 @@ import json, os, sys
 flags = dict(a[2:].split("=", 1) for a in sys.argv[1:])
 os.makedirs(eval(flags["out_dir"]), exist_ok=True)
 with open(os.path.join(eval(flags["out_dir"]), "got.json"), "w") as f:
-    json.dump({"flags": flags, "cwd": os.getcwd(), "malloc": os.environ.get("MALLOC_MMAP_THRESHOLD_")}, f)
+    json.dump({"flags": flags, "cwd": os.getcwd(),
+               "malloc": [os.environ.get(f"MALLOC_{k}_THRESHOLD_") for k in ("MMAP", "TRIM")]}, f)
 for i in range(int(flags["max_iters"]) + 1):
     print(f"iter {i}: loss 10.8000, time 100.00ms, mfu -100.00%")
 '''
@@ -52,13 +53,13 @@ def table(out):
 def test_side_by_side_runs_both_and_prints_the_ratio(fake_nanogpt, capsys, request, nano_malloc):
     run_main(vs_nanogpt.main, [str(fake_nanogpt)] + SMALL + [f"--nano_malloc={nano_malloc}"])
     out = capsys.readouterr().out
+    work = out.strip().splitlines()[-1].removeprefix("work directory kept: ")
+    request.addfinalizer(lambda: shutil.rmtree(work))
     rows = table(out)
     assert set(rows) == {"fp32", "equal (fp32, eager)", "best (fp32 vs fp32)"}
     nano, ours, ratio = rows["equal (fp32, eager)"]
     assert nano == 2 * 16 / 0.100  # tokens a step (batch 2 x block 16) at the fake's 100 ms
     assert ours > 0 and ratio == pytest.approx(ours / nano, abs=0.006)
-    work = out.strip().splitlines()[-1].removeprefix("work directory kept: ")
-    request.addfinalizer(lambda: shutil.rmtree(work))
     with open(os.path.join(work, "out_nanogpt_fp32_0", "got.json")) as f:
         got = json.load(f)
     assert got["cwd"] == str(fake_nanogpt)  # nanoGPT reads configurator.py from its directory
@@ -67,7 +68,7 @@ def test_side_by_side_runs_both_and_prints_the_ratio(fake_nanogpt, capsys, reque
     assert flags["bias"] == "True" and flags["dropout"] == "0.0" and flags["wandb_log"] == "False"
     assert flags["max_iters"] == "2"  # iters 0..2: 1 warm-up + 2 timed
     assert eval(flags["dataset"]).startswith(work)  # our random tokens, in nanoGPT's format
-    assert got["malloc"] == (str(2**31 - 1) if nano_malloc else None)
+    assert got["malloc"] == ([str(2**31 - 1)] * 2 if nano_malloc else [None, None])
     with open(os.path.join(work, "out_ours_fp32_0", "config.json")) as f:
         ours_config = json.load(f)
     assert json.dumps(ours_config).count('"qkv_bias": true') == 1  # nanoGPT's bias=True, as ours
