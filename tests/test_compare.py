@@ -12,7 +12,7 @@ import eval as eval_script
 import stats
 import train
 from common import UsageError
-from helpers import fake_run, make_shards, tiny_flags
+from helpers import cli, fake_run, make_shards, snapshot, tiny_flags
 
 
 @pytest.mark.parametrize("df, q", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (5, 2.5706), (10, 2.2281),
@@ -134,3 +134,56 @@ def test_charts_draw_one_series_per_run_and_mark_clipping(real_runs, tmp_path):
                                        f"clip clipped steps ({clipped} logged)"]
     # and train.py drew each run's own charts when it finished
     assert sorted(os.listdir(os.path.join(real_runs[0], "charts"))) == sorted(f"{c}.png" for c in charts.CHARTS)
+
+
+def ledger_row(model, loss, tokens=1024, block_size=1024, dataset="fineweb", split="test", **extra):
+    return {"model": model, "source": "huggingface", "dataset": dataset, "split": split, "loss": loss,
+            "tokens": tokens, "config": {"model": {"block_size": block_size}}, **extra}
+
+
+def test_reference_rows_come_from_the_ledger_scored_like_the_runs(tmp_path, capsys):
+    fake_run(tmp_path, "base", 3.70)
+    fake_run(tmp_path, "qkv", 3.60, qkv_bias=True)
+    ledger = tmp_path / "results.jsonl"
+    rows = [ledger_row("gpt2", 3.40, hub_id="gpt2"),
+            ledger_row("openai-community/gpt2", 3.50, hub_id="openai-community/gpt2"),
+            ledger_row("gpt2", 3.500123, hub_id="gpt2"),       # the latest matching row wins
+            ledger_row("gpt2", 3.45, tokens=2048),             # later, but other tokens: other windows
+            ledger_row("gpt2", 3.46, block_size=512),          # other context length
+            ledger_row("gpt2", 3.47, split="val"),
+            ledger_row("gpt2", 3.48, dataset="sample")]
+    ledger.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    compare.main([str(tmp_path / "base"), str(tmp_path / "qkv"), "--reference=gpt2, openai-community/gpt2",
+                  f"--ledger={ledger}"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3].split() == ["gpt2", "reference", "(eval.py)", "3.500123", "-0.199877"]
+    assert lines[4].split() == ["openai-community/gpt2", "reference", "(eval.py)", "3.500000", "-0.200000"]
+    assert lines[5] == ""  # then the groups table, which references do not join
+    assert not any("reference" in line for line in lines[6:])
+
+
+def test_reference_without_a_matching_row_says_how_to_score_it(tmp_path, capsys):
+    fake_run(tmp_path, "base", 3.70)
+    ledger = tmp_path / "results.jsonl"
+    ledger.write_text(json.dumps(ledger_row("gpt2", 3.45, tokens=2048)) + "\n")
+    before = snapshot(tmp_path)
+    code, err = cli(compare.main, [tmp_path / "base", "--reference=gpt2", f"--ledger={ledger}"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "it has 2048 tokens at block_size 1024" in err
+    assert f"python eval.py gpt2 --dataset=fineweb --eval_tokens=1024 --ledger={ledger}" in err
+    code, err = cli(compare.main, [tmp_path / "base", "--reference=gpt2", f"--ledger={tmp_path / 'none.jsonl'}"],
+                    capsys)
+    assert code == 2 and "does not exist: eval.py writes it" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_reference_of_a_run_exported_to_hugging_face_scores_as_the_run(real_runs, tmp_path, capsys):
+    # The same weights through eval.py's Hugging Face path: the reference's delta from its run is 0.
+    hf, ledger = tmp_path / "hf", tmp_path / "results.jsonl"
+    eval_script.main([real_runs[0], f"--export_hf={hf}"])
+    data = os.path.join(os.path.dirname(real_runs[0]), "data")
+    eval_script.main([str(hf), f"--data_dir={data}", "--dataset=syn", f"--ledger={ledger}"])
+    capsys.readouterr()
+    compare.main([*real_runs, f"--reference={hf}", f"--ledger={ledger}"])
+    row = capsys.readouterr().out.splitlines()[3].split()
+    assert row[0] == str(hf) and row[-1] == "+0.000000"
