@@ -9,7 +9,8 @@ import torch
 
 import train
 from common import load_checkpoint
-from helpers import ROOT, curve, make_shards, tiny_flags
+from data import write_shard
+from helpers import ROOT, curve, make_shards, synthetic_tokens, tiny_flags
 
 
 @pytest.mark.slow
@@ -33,3 +34,25 @@ def test_two_rank_ddp_matches_one_process(tmp_path):
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
     assert proc.stdout.count("done: 6 steps") == 1  # progress from rank 0 only
+
+
+@pytest.mark.slow
+def test_a_bad_token_in_one_ranks_rows_stops_every_rank_with_one_line(tmp_path):
+    # Token id 300 (vocab 256) sits in rank 1's half of step 3's chunk only. Every rank checks
+    # the whole step, so both stop before step 3 with the same line: no rank is left waiting in
+    # a collective, and no rank dies of a closed connection with a traceback.
+    data_dir = make_shards(tmp_path / "data")
+    tokens = synthetic_tokens(40_000, seed=0)
+    tokens[2 * 256 + 128 + 5] = 300  # step 3 trains on chunk 2; rank 1 reads its second half
+    write_shard(os.path.join(data_dir, "syn", "train_000000.bin"), tokens)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", *tiny_flags(data_dir, str(tmp_path / "run"), eval_interval=0)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    line = "error: shard " + os.path.join(data_dir, "syn", "train_000000.bin") + " holds token id 300"
+    assert proc.stderr.count(line) == 2, proc.stderr[-3000:]
+    # (torchrun itself prints a ChildFailedError report whenever a worker exits non-zero)
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+    assert "Connection closed" not in proc.stderr
+    assert [r["step"] for r in curve(tmp_path / "run")] == [1, 2]
