@@ -15,6 +15,8 @@ class Run:
     def __init__(self, tc, master, resume_step):
         self.dir, self.master = tc.out_dir, master
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
+        self.log_path = os.path.join(self.dir, "log.txt")
+        self.failed = None  # why an append failed (a full disk): train.py then stops every rank
         if not master:
             return
         os.makedirs(self.dir, exist_ok=True)
@@ -27,18 +29,23 @@ class Run:
             with open(self.metrics_path) as f:
                 rows = [line for line in f if line.endswith("\n") and step_of(line) <= resume_step]
             atomic_write(self.metrics_path, lambda f: f.write("".join(rows).encode()))
-        self.log_file = open(os.path.join(self.dir, "log.txt"), "a")
 
     def log(self, msg):
         print0(msg)
-        if self.master:
-            self.log_file.write(msg + "\n")
-            self.log_file.flush()
+        self._append(self.log_path, msg + "\n")
 
     def metrics(self, row):
-        if self.master:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        self._append(self.metrics_path, json.dumps(row) + "\n")
+
+    def _append(self, path, text):
+        """Append on rank 0; after a failure nothing more (a row cut short ends the file, and a
+        resume drops it with every row after its checkpoint)."""
+        if self.master and self.failed is None:
+            try:
+                with open(path, "a") as f:  # opened per row: a failed write leaves no buffer behind
+                    f.write(text)
+            except OSError as e:
+                self.failed = f"cannot append to {path} ({e.strerror or e})"
 
 
 def keep_snapshots(out_dir, path, step, keep):

@@ -294,7 +294,9 @@ def train(mc, tc, ckpt, d):
 
     def checkpoint(step):
         error = None
-        if d.master:
+        if run.failed:  # a checkpoint past rows missing from metrics.jsonl would leave a gap on resume
+            error = _append_failed(run.failed, step, saved["step"], tc)
+        if d.master and error is None:
             state = {
                 "format": "gpt-interventions", "version": CHECKPOINT_VERSION,
                 "model_config": asdict(mc), "train_config": asdict(tc),
@@ -320,7 +322,7 @@ def train(mc, tc, ckpt, d):
         if d.world_size > 1:  # doubles as the barrier: every rank learns whether the write failed
             failed = torch.tensor([error is not None], dtype=torch.int32, device=d.device)
             dist.all_reduce(failed)
-            error = error or (failed.item() and "rank 0 could not write the checkpoint; see its error")
+            error = error or (failed.item() and "rank 0 could not write the checkpoint or its logs; see its error")
         if error:
             raise RunError(error)
 
@@ -351,13 +353,16 @@ def train(mc, tc, ckpt, d):
 
         done = step + 1
         last = done == plan.max_steps
-        stopping = stop["signal"] is not None
+        stopping, failed = stop["signal"] is not None, run.failed is not None
         if d.world_size > 1 and (done % tc.log_interval == 0 or last):
-            flag = torch.tensor([stopping], dtype=torch.int32, device=d.device)  # all ranks agree
-            dist.all_reduce(flag)
-            stopping = bool(flag.item())
+            flags = torch.tensor([stopping, failed], dtype=torch.int32, device=d.device)  # all ranks agree
+            dist.all_reduce(flags)
+            stopping, failed = bool(flags[0].item()), bool(flags[1].item())
         elif d.world_size > 1:
-            stopping = False
+            stopping = failed = False
+        if failed:  # rank 0 could not append to log.txt or metrics.jsonl: stop, as after a crash
+            raise RunError(_append_failed(run.failed, done, saved["step"], tc) if run.failed else
+                           "rank 0 could not append to its logs; see its error")
         saving = last or stopping or done % tc.checkpoint_interval == 0
         if done % tc.log_interval == 0 or saving:
             if bad_step.item() >= 0:
@@ -409,6 +414,12 @@ def _check_same_data(saved, shards, plan, tc):
         raise UsageError(f"cannot resume {tc.out_dir}: the train shards in {os.path.join(tc.data_dir, tc.dataset)} "
                          f"({len(found)} files, {sum(n for _, n in found)} tokens) differ from those it trained on "
                          f"({len(saved['shards'])} files, {sum(n for _, n in saved['shards'])} tokens)")
+
+
+def _append_failed(why, step, saved_step, tc):
+    return (f"{why}, stopped after step {step}; " +
+            (f"the checkpoint at step {saved_step} is intact" if saved_step is not None else "no checkpoint was written")
+            + f": free space, then resume with: python train.py --resume --out_dir={tc.out_dir}")
 
 
 def _diverged(tc, step, saved_step):

@@ -5,8 +5,10 @@ FAULT (environment) chooses the fault; files go to FAULT_DIR:
   hang_in_save:N   while writing the checkpoint of step N, half of it in the temp file: write
                    ready.RANK, hang until killed
   rss:N            every N steps append "STEP VmRSS_kB" to rss.txt
+  full_log:N       rank 0's append of step N's row to metrics.jsonl fails as on a full disk
 """
 
+import errno
 import io
 import os
 import sys
@@ -18,6 +20,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import data  # noqa: E402
+import rundir  # noqa: E402
 import train  # noqa: E402
 from common import run_main  # noqa: E402
 
@@ -73,8 +76,22 @@ def faulty_save(obj, f, *args, **kwargs):
     return save(obj, f, *args, **kwargs)
 
 
+def faulty_open(file, mode="r", *args, **kwargs):
+    f = open(file, mode, *args, **kwargs)
+    if KIND == "full_log" and str(file).endswith("metrics.jsonl") and "a" in mode:
+        write = f.write
+
+        def full(text):
+            if f'"step": {int(ARG)},' in text:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return write(text)
+        f.write = full
+    return f
+
+
 data.TrainLoader.batch = faulty_batch
 torch.save = faulty_save
+rundir.open = faulty_open
 
 if __name__ == "__main__":
     run_main(train.main)

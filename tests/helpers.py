@@ -4,8 +4,9 @@ import json
 import os
 
 import numpy as np
+import torch
 
-from common import run_main
+from common import load_checkpoint, run_main
 from data import write_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,3 +114,25 @@ def cli(main, argv, capsys):
     except SystemExit as e:
         code = e.code
     return code, capsys.readouterr().err
+
+
+# warmup, a cosine schedule, clipping and dropout: every piece of state must resume exactly
+EXACT = dict(max_iters=12, dropout=0.1, lr_schedule="cosine", warmup_iters=3, grad_clip=1.0, checkpoint_interval=4)
+
+
+def ckpt_of(out):
+    return load_checkpoint(os.path.join(str(out), "ckpt.pt"))
+
+
+def assert_same_run(ref, out):
+    """Bitwise: the logged curve, validation losses, weights and optimizer state."""
+    assert curve(out) == curve(ref)
+    assert [r for r in read_metrics(out) if "val_loss" in r] == [r for r in read_metrics(ref) if "val_loss" in r]
+    a, b = ckpt_of(ref), ckpt_of(out)
+    assert a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    for i, state in a["optimizer"]["state"].items():
+        for name, t in state.items():
+            assert torch.equal(t, b["optimizer"]["state"][i][name]), (i, name)

@@ -4,9 +4,7 @@ non-finite numbers, long runs and a full disk, with nothing lost (README, Reliab
 Faults in a real process come from tests/fault_train.py (train.py plus one injected fault).
 """
 
-import errno
 import glob
-import io
 import os
 import shutil
 import signal
@@ -24,12 +22,11 @@ import rundir
 import train
 from common import UsageError, load_checkpoint
 from data import write_shard
-from helpers import ROOT, cli, curve, make_shards, read_metrics, snapshot, synthetic_tokens, tiny_flags
+from helpers import (EXACT, ROOT, assert_same_run, ckpt_of, cli, curve, make_shards, read_metrics, snapshot,
+                     synthetic_tokens, tiny_flags)
 from load import load_model
 
 FAULT_TRAIN = os.path.join(ROOT, "tests", "fault_train.py")
-# warmup, a cosine schedule, clipping and dropout: every piece of state must resume exactly
-EXACT = dict(max_iters=12, dropout=0.1, lr_schedule="cosine", warmup_iters=3, grad_clip=1.0, checkpoint_interval=4)
 # across world sizes only to float tolerance; dropout off, as its masks are drawn per rank
 WORLD = dict(max_iters=12, lr_schedule="cosine", warmup_iters=3, grad_clip=1.0, batch_size=4)
 
@@ -48,24 +45,6 @@ def world_reference(data_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("world_reference") / "run")
     train.main(tiny_flags(data_dir, out, **WORLD))
     return out
-
-
-def ckpt_of(out):
-    return load_checkpoint(os.path.join(str(out), "ckpt.pt"))
-
-
-def assert_same_run(ref, out):
-    """Bitwise: the logged curve, validation losses, weights and optimizer state."""
-    assert curve(out) == curve(ref)
-    assert [r for r in read_metrics(out) if "val_loss" in r] == [r for r in read_metrics(ref) if "val_loss" in r]
-    a, b = ckpt_of(ref), ckpt_of(out)
-    assert a["step"] == b["step"]
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
-    for i, state in a["optimizer"]["state"].items():
-        for name, t in state.items():
-            assert torch.equal(t, b["optimizer"]["state"][i][name]), (i, name)
 
 
 def assert_close_run(ref, out):
@@ -370,59 +349,3 @@ def test_keep_checkpoints_orders_snapshots_by_step(tmp_path):
     (tmp_path / "ckpt.pt").touch()
     rundir.keep_snapshots(str(tmp_path), str(tmp_path / "ckpt.pt"), 10_000_000, 2)
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt_10000000.pt", "ckpt_9999999.pt", "ckpt_best.pt"]
-
-
-# --- disk ----------------------------------------------------------------------------------------
-
-
-class FullDisk(io.RawIOBase):
-    """A file that takes 1000 bytes, then fails as a full disk does."""
-
-    def __init__(self, f):
-        self.f, self.n = f, 0
-
-    def writable(self):
-        return True
-
-    def write(self, b):
-        self.n += len(b)
-        if self.n > 1000:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return self.f.write(b)
-
-
-@pytest.mark.parametrize("where", ["torch.save", "write", "os.replace"])
-def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_one(where, data_dir, reference, tmp_path,
-                                                                            monkeypatch, capsys):
-    out = str(tmp_path / "run")
-    path = os.path.join(out, "ckpt.pt")
-    seen = {"saves": 0, "before": None}
-    save, replace = torch.save, os.replace
-
-    def full(*args):  # the second checkpoint (step 8) hits a full disk
-        seen["saves"] += 1
-        if seen["saves"] == 2:
-            seen["before"] = open(path, "rb").read()
-            return True
-    if where == "os.replace":
-        def failing_replace(src, dst):
-            if dst == path and full():
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return replace(src, dst)
-        monkeypatch.setattr(common.os, "replace", failing_replace)
-    else:
-        def failing_save(obj, f, *args, **kwargs):
-            if full():
-                if where == "torch.save":
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                f = FullDisk(f)
-            return save(obj, f, *args, **kwargs)
-        monkeypatch.setattr(common.torch, "save", failing_save)
-    code, err = cli(train.main, tiny_flags(data_dir, out, **EXACT), capsys)
-    assert code == 1 and err == (f"error: cannot write checkpoint {path} at step 8 (No space left on device); "
-                                 "the previous checkpoint, at step 4, is intact\n")
-    assert open(path, "rb").read() == seen["before"] and ckpt_of(out)["step"] == 4
-    assert not glob.glob(os.path.join(out, "*.tmp.*"))
-    monkeypatch.undo()  # space freed: the run resumes and loses nothing
-    train.main(tiny_flags(data_dir, out, resume=True, **EXACT))
-    assert_same_run(reference, out)
