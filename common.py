@@ -7,6 +7,7 @@ Scripts stay thin: they declare a config dataclass, call `parse_config`, and wra
 import ctypes
 import dataclasses
 import difflib
+import errno
 import json
 import os
 import platform
@@ -39,13 +40,21 @@ class RunError(Exception):
 
 
 def run_main(main, argv=None):
-    """Call main(argv); turn UsageError (and other clean stops) into one line and exit 2."""
+    """Call main(argv); turn UsageError into one line and exit 2, RunError and a full or read-only
+    disk into one line and exit 1."""
     try:
         main(sys.argv[1:] if argv is None else argv)
     except (UsageError, RunError) as e:
         one_line = str(e).replace("\r", "\\r").replace("\n", "\\n")  # an argument can hold a newline
         print(f"error: {one_line}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UsageError) else 1)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # anything else is a bug: traceback
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: cannot write{where} ({e.strerror}); free space or choose another output directory, "
+              "then run again", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 import common
+import eval as eval_script
 import rundir
 import train
+from common import run_main
 from helpers import EXACT, ROOT, assert_same_run, ckpt_of, cli, read_metrics, tiny_flags
 
 
@@ -127,3 +129,29 @@ def test_under_torchrun_a_failed_append_on_rank_0_stops_every_rank_with_one_line
     assert "error: rank 0 could not append to its logs; see its error" in proc.stderr  # rank 1, same step
     assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
     assert ckpt_of(out)["step"] == 4
+
+
+def test_a_full_disk_anywhere_else_is_one_line_and_exit_1(data_dir, finished_run, tmp_path, monkeypatch, capsys):
+    # run_main's fallback for the writes without their own handling: config.json at a run's start,
+    # eval.py's ledger row, ...
+    def full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    monkeypatch.setattr(train, "write_json", full)
+    out = str(tmp_path / "run")
+    code, err = cli(train.main, tiny_flags(data_dir, out, **EXACT), capsys)
+    path = os.path.join(out, "config.json")
+    assert code == 1 and err == (f"error: cannot write {path} (No space left on device); free space or choose "
+                                 "another output directory, then run again\n")
+    ledger = str(tmp_path / "results.jsonl")
+    monkeypatch.setattr(eval_script, "open", full, raising=False)
+    code, err = cli(eval_script.main, [finished_run, f"--data_dir={data_dir}", "--dataset=syn", f"--ledger={ledger}"],
+                    capsys)
+    assert code == 1 and err.startswith(f"error: cannot write {ledger} (No space left on device);")
+    assert err.count("\n") == 1
+
+
+def test_other_os_errors_keep_their_traceback():
+    def broken(argv):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), "somewhere")
+    with pytest.raises(OSError):
+        run_main(broken, [])
