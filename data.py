@@ -194,11 +194,12 @@ class TrainLoader:
         """(x, y) int64 numpy arrays of shape (B, T) for this step's micro-batch on this rank."""
         _, s, c = self.locate(step)
         path = self.shards[s][0]
-        if micro == 0:  # every rank checks the whole step, so under DDP all refuse a bad id together
-            check_vocab(read_tokens(path, c * self.S, self.S + 1), self.vocab_size, path)
         row = (self.rank * self.accum + micro) * self.B
         buf = read_tokens(path, c * self.S + row * self.T, self.B * self.T + 1)
-        check_vocab(buf, self.vocab_size, path)
+        if micro == 0:  # every rank checks the whole step (its own rows too), so under DDP all
+            check_vocab(read_tokens(path, c * self.S, self.S + 1), self.vocab_size, path)  # refuse together
+        else:
+            check_vocab(buf, self.vocab_size, path)
         buf = buf.astype(np.int64)
         return buf[:-1].reshape(self.B, self.T), buf[1:].reshape(self.B, self.T)
 

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -136,3 +138,10 @@ def assert_same_run(ref, out):
     for i, state in a["optimizer"]["state"].items():
         for name, t in state.items():
             assert torch.equal(t, b["optimizer"]["state"][i][name]), (i, name)
+
+
+def torchrun(script, args, **env):
+    """Run script under torchrun with 2 CPU processes (gloo); the CompletedProcess, output captured."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           script, *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+                          capture_output=True, text=True, timeout=300)

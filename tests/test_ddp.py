@@ -1,8 +1,6 @@
 """train.py under torchrun (2 processes, gloo on the CPU) matches the single-process run."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,7 +8,7 @@ import torch
 import train
 from common import load_checkpoint
 from data import write_shard
-from helpers import ROOT, curve, make_shards, synthetic_tokens, tiny_flags
+from helpers import curve, make_shards, synthetic_tokens, tiny_flags, torchrun
 
 
 @pytest.mark.slow
@@ -19,10 +17,7 @@ def test_two_rank_ddp_matches_one_process(tmp_path):
     # 256 tokens per step: 1 process x 2 micro-batches of 4 x 32, or 2 ranks x 1 micro-batch
     flags = dict(max_iters=6, eval_interval=3, batch_size=4)
     train.main(tiny_flags(data_dir, str(tmp_path / "one"), **flags))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "train.py", *tiny_flags(data_dir, str(tmp_path / "two"), **flags)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun("train.py", tiny_flags(data_dir, str(tmp_path / "two"), **flags))
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = curve(tmp_path / "one"), curve(tmp_path / "two")
     assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
@@ -45,10 +40,7 @@ def test_a_bad_token_in_one_ranks_rows_stops_every_rank_with_one_line(tmp_path):
     tokens = synthetic_tokens(40_000, seed=0)
     tokens[2 * 256 + 128 + 5] = 300  # step 3 trains on chunk 2; rank 1 reads its second half
     write_shard(os.path.join(data_dir, "syn", "train_000000.bin"), tokens)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "train.py", *tiny_flags(data_dir, str(tmp_path / "run"), eval_interval=0)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun("train.py", tiny_flags(data_dir, str(tmp_path / "run"), eval_interval=0))
     assert proc.returncode != 0
     line = "error: shard " + os.path.join(data_dir, "syn", "train_000000.bin") + " holds token id 300"
     assert proc.stderr.count(line) == 2, proc.stderr[-3000:]

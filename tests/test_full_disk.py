@@ -5,8 +5,6 @@ import errno
 import glob
 import io
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ import eval as eval_script
 import rundir
 import train
 from common import run_main
-from helpers import EXACT, ROOT, assert_same_run, ckpt_of, cli, read_metrics, tiny_flags
+from helpers import EXACT, ROOT, assert_same_run, ckpt_of, cli, read_metrics, tiny_flags, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +116,8 @@ def test_a_failed_log_append_stops_the_run_and_a_resume_loses_nothing(target, ma
 @pytest.mark.slow
 def test_under_torchrun_a_failed_append_on_rank_0_stops_every_rank_with_one_line(data_dir, tmp_path):
     out = str(tmp_path / "run")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT": "full_log:6"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(ROOT, "tests", "fault_train.py"), *tiny_flags(data_dir, out, **EXACT)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun(os.path.join(ROOT, "tests", "fault_train.py"), tiny_flags(data_dir, out, **EXACT),
+                    FAULT="full_log:6")
     assert proc.returncode != 0
     path = os.path.join(out, "metrics.jsonl")
     assert (f"error: cannot append to {path} (No space left on device), stopped after step 7; the checkpoint "
