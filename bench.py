@@ -5,13 +5,13 @@
     python bench.py --qkv_bias=True --tie_weights=True ...             # the original 124M shape
     python bench.py config/tiny.toml --profile=out/profile             # plus a torch profiler trace
 
-Takes every train.py flag and preset. A step is what train.py runs: train.accumulate_gradients
+Takes every train.py flag and preset. A step is what train.py runs: step.accumulate_gradients
 over the step's micro-batches from a TrainLoader (on a temporary shard of random tokens), then
 the AdamW step. After `warmup` untimed steps (compilation, allocator), `steps` steps are timed.
 MFU uses model.flops_per_token (6N + 12·L·H·Q·T) against the device's peak dense throughput
-(common.PEAK_FLOPS); for a CPU or an unlisted GPU it says so instead of inventing a number.
+(device.PEAK_FLOPS); for a CPU or an unlisted GPU it says so instead of inventing a number.
 Also reported: the loader's share of a step (reading and copying the batches alone), and eval
-tokens/s (eval.evaluate, forward only) against training tokens/s on the same model.
+tokens/s (evaluation.evaluate, forward only) against training tokens/s on the same model.
 """
 
 import os
@@ -23,12 +23,16 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from common import (UsageError, autocast, field, parse_config, peak_flops, run_main, set_tf32, setup_dist,
-                    teardown_dist)
-from data import TrainLoader, eval_windows, write_shard
-from eval import evaluate
+from gpt_interventions.cli import field, parse_config
+from gpt_interventions.device import autocast, peak_flops, set_tf32, setup_dist, teardown_dist
+from gpt_interventions.errors import UsageError, run_main
+from gpt_interventions.evaluation import evaluate
+from gpt_interventions.loader import TrainLoader, eval_windows
+from gpt_interventions.optimizer import configure_optimizer
+from gpt_interventions.shards import write_shard
+from gpt_interventions.step import accumulate_gradients, to_device, wrap_model
+from gpt_interventions.training import TrainConfig, make_plan
 from model import GPT, GPTConfig
-from train import TrainConfig, accumulate_gradients, configure_optimizer, make_plan, to_device, wrap_model
 
 USAGE = "[config/PRESET.toml ...] [--key=value ...]"
 

@@ -5,23 +5,21 @@
 
 A run's interventions are its config's differences from the baseline's. Runs whose configs differ
 only in seed or data_seed form a replicate group (mean, std, n); each group's delta from the
-baseline group gets a 95% interval and a verdict from the test its sample sizes allow (stats.py).
+baseline group gets a 95% interval and a verdict from the test its sample sizes allow (gpt_interventions/stats.py).
 --reference adds models scored by eval.py (original GPT-2 weights, say) from its results ledger,
 on the runs' dataset, test tokens and context length, with their delta from the baseline.
 """
 
-import glob
 import json
-import os
 from dataclasses import dataclass
 
-from common import UsageError, field, parse_config, run_main
-from stats import compare, summary
-from train import RUNTIME_FIELDS
+from gpt_interventions.cli import field, parse_config
+from gpt_interventions.errors import UsageError, run_main
+from gpt_interventions.results import diff, find, group_runs, load_runs
+from gpt_interventions.stats import compare, summary
+from gpt_interventions.tables import table
 
 USAGE = "RUN_DIR_OR_GLOB... [--key=value ...]"
-IGNORED = RUNTIME_FIELDS | {"charts"}  # change how, not what, a run computes
-REPLICATE = {"seed", "data_seed"}       # differ between replicates of one configuration
 
 
 @dataclass
@@ -36,66 +34,6 @@ class CompareConfig:
                                "as eval.py was given them (e.g. gpt2): each one's latest matching test row "
                                "in --ledger")
     ledger: str = field("results.jsonl", "eval.py's results ledger, read for --reference")
-
-
-@dataclass
-class Run:
-    name: str
-    dir: str
-    config: dict         # model and train fields, flattened
-    rows: list           # metrics.jsonl
-    loss: float | None   # the test loss, else the last validation loss
-    source: str          # "test" or "val" (no test evaluation yet)
-    test_tokens: int | None
-    world_size: int
-
-    def last(self, key):
-        return next((r[key] for r in reversed(self.rows) if r.get(key) is not None), None)
-
-    @property
-    def wall_s(self):
-        """Training time: each logged row's dt_ms covers the steps since the row before it."""
-        total, prev = 0.0, 0
-        for r in self.rows:
-            if "dt_ms" in r:
-                total += r["dt_ms"] / 1000 * (r["step"] - prev)
-                prev = r["step"]
-        return total
-
-
-def load_run(run_dir):
-    try:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            meta = json.load(f)
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{run_dir} is not a readable run directory ({e})") from None
-    config = {**meta["model"], **meta["train"]}
-    name = config.get("run_name") or os.path.basename(os.path.normpath(run_dir))
-    test, tokens = None, None
-    eval_path = os.path.join(run_dir, "eval.json")
-    if os.path.isfile(eval_path):
-        with open(eval_path) as f:
-            row = json.load(f).get(f"{config['dataset']}/test")  # eval.py's key: dataset/split
-        if row:
-            test, tokens = row["loss"], row["tokens"]
-    run = Run(name, run_dir, config, rows, test, "test", tokens, meta.get("env", {}).get("world_size", 1))
-    if test is None:
-        run.loss, run.source = run.last("val_loss"), "val"
-    return run
-
-
-def load_runs(patterns):
-    """Runs from directories and globs (a glob skips what is not a run; a named directory must be one)."""
-    dirs = []
-    for p in patterns:
-        matches = sorted(glob.glob(p)) if glob.has_magic(p) else [p]
-        matches = [m for m in matches if not glob.has_magic(p) or os.path.isfile(os.path.join(m, "config.json"))]
-        if not matches:
-            raise UsageError(f"no run directories match {p!r}")
-        dirs += [m for m in matches if os.path.normpath(m) not in map(os.path.normpath, dirs)]
-    return [load_run(d) for d in dirs]
 
 
 @dataclass
@@ -144,54 +82,6 @@ def load_references(specs, ledger, runs):
                              f"{flag} --ledger={ledger}")
         refs.append(Reference(spec, same[-1]["loss"], same[-1]["tokens"]))
     return refs
-
-
-def fmt(value):
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def diff(config, base):
-    """`k=v, ...` of the fields that change what a run computes (not seeds), in field order."""
-    keys = [k for k in {**base, **config} if k not in IGNORED | REPLICATE]
-    return ", ".join(f"{k}={fmt(config.get(k))}" for k in keys if config.get(k) != base.get(k))
-
-
-def group_key(config):
-    return tuple(sorted((k, v) for k, v in config.items() if k not in IGNORED | REPLICATE))
-
-
-def find(runs, spec, flag):
-    for r in runs:
-        if spec in (r.name, r.dir) or os.path.normpath(spec) == os.path.normpath(r.dir):
-            return r
-    raise UsageError(f"--{flag}={spec}: no such run among {', '.join(r.name for r in runs)}")
-
-
-@dataclass
-class Group:
-    label: str
-    runs: list
-
-    @property
-    def losses(self):
-        return [r.loss for r in self.runs if r.loss is not None]
-
-
-def group_runs(runs, baseline):
-    """Replicate groups, the baseline's first, then in the order their runs were given."""
-    groups = {}
-    for r in sorted(runs, key=lambda r: group_key(r.config) != group_key(baseline.config)):
-        label = diff(r.config, baseline.config) or "baseline"
-        groups.setdefault(group_key(r.config), Group(label, [])).runs.append(r)
-    return list(groups.values())
-
-
-def table(headers, rows, markdown):
-    if markdown:
-        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows])
 
 
 def hms(seconds):
@@ -275,7 +165,7 @@ def main(argv):
     for line in notes(runs):
         print(line)
     if cc.charts:
-        from charts import save
+        from gpt_interventions.charts import save
         drawn = save([(r.name, r.rows, r.config.get("grad_clip", 0.0)) for r in runs], cc.charts)
         print(f"charts: {', '.join(drawn)}")
 

@@ -4,9 +4,9 @@
     python eval.py MODEL --export_hf=DIR
     torchrun --standalone --nproc_per_node=8 eval.py MODEL
 
-MODEL is a checkpoint, a run directory, a Hugging Face GPT-2 directory or hub id (load.py), so our
+MODEL is a checkpoint, a run directory, a Hugging Face GPT-2 directory or hub id (gpt_interventions/formats.py), so our
 runs and the original GPT-2 weights are scored by the same code on the same tokens.
-`evaluate` is the one function that scores a model; train.py's periodic validation calls it too.
+`evaluation.evaluate` is the one function that scores a model; train.py's validation calls it too.
 """
 
 import json
@@ -15,13 +15,15 @@ import os
 import time
 from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
-
-from common import (UsageError, autocast, field, git_commit, parse_config, print0, run_main, set_tf32,
-                    setup_dist, teardown_dist, write_json)
-from data import eval_windows, find_shards, read_windows
-from load import check_new_dir, export_hf, load_model
+from gpt_interventions.atomic import write_json
+from gpt_interventions.cli import field, parse_config
+from gpt_interventions.device import print0, set_tf32, setup_dist, teardown_dist
+from gpt_interventions.errors import UsageError, run_main
+from gpt_interventions.evaluation import evaluate
+from gpt_interventions.formats import check_new_dir, export_hf, load_model
+from gpt_interventions.loader import eval_windows
+from gpt_interventions.provenance import git_commit
+from gpt_interventions.shards import find_shards
 
 USAGE = "MODEL [--key=value ...]   (MODEL: ckpt.pt, run directory, Hugging Face directory or hub id)"
 
@@ -39,34 +41,6 @@ class EvalConfig:
     json: bool = field(False, "print the result as one JSON object instead of a line")
     ledger: str = field("results.jsonl", "results ledger that gets one row per evaluation; empty: none")
     export_hf: str = field("", "write MODEL to this new directory in the Hugging Face GPT-2 format, then exit")
-
-
-@torch.no_grad()
-def evaluate(model, windows, batch_size, device, dtype="float32", rank=0, world_size=1):
-    """Mean cross-entropy over every target token of `windows`, summed in float64.
-
-    Windows are dealt round-robin to ranks and the sums all-reduced, so any world size scores
-    exactly the same tokens. Returns (loss, tokens).
-    """
-    model = getattr(model, "_orig_mod", model)  # a compiled model wraps the original; eval runs eager
-    was_training = model.training
-    model.eval()
-    mine = windows[rank::world_size]
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, token count)
-    device_type = "cuda" if str(device).startswith("cuda") else "cpu"
-    chunk = 2**27 if device_type == "cuda" else 2**19  # logits at a time: see GPT.nll_sum
-    for i in range(0, len(mine), batch_size):
-        x, y = read_windows(mine[i:i + batch_size], model.config.block_size, model.config.vocab_size)
-        x = torch.from_numpy(x).to(device, non_blocking=True)
-        y = torch.from_numpy(y).to(device, non_blocking=True)
-        with autocast(device_type, dtype):
-            total[0] += model.nll_sum(x, y, chunk)
-        total[1] += y.numel()
-    if world_size > 1:
-        dist.all_reduce(total)
-    model.train(was_training)
-    loss_sum, tokens = total.tolist()
-    return loss_sum / tokens, int(tokens)
 
 
 def main(argv):

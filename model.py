@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import field
+from gpt_interventions.cli import field
 
 
 @dataclass
@@ -158,7 +158,7 @@ class GPT(nn.Module):
         on a GPU a large chunk keeps the kernels few and bounds the memory. Per-token losses are
         summed in float64. Equal to cross_entropy(forward(idx)[0], targets, reduction="sum") up
         to float rounding (tests/test_model.py). Every target must be an id below vocab_size:
-        there is no ignore_index (data.read_windows checks the ids).
+        there is no ignore_index (loader.read_windows checks the ids).
         """
         h = self.body(idx).flatten(0, 1)  # (N, C)
         y = targets.flatten()  # (N,)

@@ -4,7 +4,7 @@
     python prepare_data.py --dataset=fineweb --max_tokens=3.26e9     # FineWeb sample-10BT (hub)
     python prepare_data.py --dataset=mine --input='corpus/*.jsonl.gz'
 
-Stage 1 tokenizes each source file (read by sources.py), in order, with a process pool into a
+Stage 1 tokenizes each source file (read by gpt_interventions/sources.py), in order, with a process pool into a
 cache file of its documents' tokens and split keys (data/NAME/.cache/); a finished file's cache is reused, so an
 interrupted run resumes where it stopped. Stage 2 assembles the caches into shards in a staging
 folder and moves them into place, meta.json last, so no half-prepared split looks complete.
@@ -30,9 +30,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from common import UsageError, atomic_write, field, parse_config, run_main, write_json
-from data import EOT, HEADER_BYTES, MAGIC, ROOT, VERSION, get_tokenizer, sha256_file, write_shard
-from sources import hub_download, hub_listing, local_files, read_documents
+from gpt_interventions import ROOT
+from gpt_interventions.atomic import atomic_write, write_json
+from gpt_interventions.cli import field, parse_config
+from gpt_interventions.errors import UsageError, run_main
+from gpt_interventions.shards import HEADER_BYTES, MAGIC, VERSION, sha256_file, write_shard
+from gpt_interventions.sources import hub_download, hub_listing, local_files, read_documents
+from gpt_interventions.tokenizer import EOT, get_tokenizer
 
 USAGE = "--dataset=NAME [--input=PATH_OR_GLOB] [--key=value ...]"
 SAMPLE = os.path.join(ROOT, "assets", "corpus", "c4-sample-1000.jsonl.gz")

@@ -2,7 +2,7 @@
 
     python sample.py MODEL [--prompt="Every effort moves you"] [--num_samples=3] [--seed=42] ...
 
-MODEL is anything eval.py takes (load.py). The same seed gives the same text on the CPU.
+MODEL is anything eval.py takes (gpt_interventions/formats.py). The same seed gives the same text on the CPU.
 """
 
 import math
@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from common import PTDTYPE, UsageError, autocast, field, parse_config, run_main, setup_dist
-from data import EOT, get_tokenizer
-from load import load_model
+from gpt_interventions.cli import field, parse_config
+from gpt_interventions.device import PTDTYPE, autocast, setup_dist
+from gpt_interventions.errors import UsageError, run_main
+from gpt_interventions.formats import load_model
+from gpt_interventions.tokenizer import EOT, get_tokenizer
 
 USAGE = "MODEL [--key=value ...]   (MODEL: ckpt.pt, run directory, Hugging Face directory or hub id)"
 

@@ -15,12 +15,14 @@ import shlex
 import sys
 from dataclasses import asdict, dataclass
 
-import design
-from common import UsageError, field, load_preset, parse_config, run_main
-from compare import IGNORED, REPLICATE, fmt, load_runs, table
+from gpt_interventions import design
+from gpt_interventions.cli import field, load_preset, parse_config
+from gpt_interventions.errors import UsageError, run_main
+from gpt_interventions.results import IGNORED, REPLICATE, load_runs
+from gpt_interventions.stats import t_quantile
+from gpt_interventions.tables import fmt, table
+from gpt_interventions.training import TrainConfig
 from model import GPTConfig
-from stats import t_quantile
-from train import TrainConfig
 
 USAGE = "plan --factor FIELD=A,B ... [--key=value ...] | analyze RUN_DIR_OR_GLOB... [--factor ...]"
 

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import prepare_data  # noqa: E402
-import sources  # noqa: E402
-from common import field, parse_config, run_main  # noqa: E402
-from data import get_tokenizer  # noqa: E402
+from gpt_interventions import sources  # noqa: E402
+from gpt_interventions.cli import field, parse_config  # noqa: E402
+from gpt_interventions.errors import run_main  # noqa: E402
+from gpt_interventions.tokenizer import get_tokenizer  # noqa: E402
 
 
 @dataclass

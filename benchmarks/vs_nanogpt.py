@@ -23,7 +23,7 @@ autocast, eager), and the same with +compile. nanoGPT's train.py never autocasts
 first `warmup` steps (compilation, allocator warm-up) are dropped and the median step time of the
 rest (or, with --stat=min, the fastest) is converted to tokens/s; with --repeats > 1 the runs alternate and the median run counts.
 "equal" is fp32 eager for both; "best" is each trainer's fastest mode among those run.
-On the CPU ours keeps freed memory in glibc's heap (common.keep_freed_memory), which nanoGPT
+On the CPU ours keeps freed memory in glibc's heap (device.keep_freed_memory), which nanoGPT
 does not; --nano_malloc=True gives nanoGPT the same setting through the environment, so the
 table shows the gap that is not the allocator.
 """
@@ -45,8 +45,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import UsageError, field, parse_config, run_main  # noqa: E402
-from data import write_shard  # noqa: E402
+from gpt_interventions.cli import field, parse_config  # noqa: E402
+from gpt_interventions.errors import UsageError, run_main  # noqa: E402
+from gpt_interventions.shards import write_shard  # noqa: E402
 
 USAGE = "/path/to/nanoGPT [--key=value ...]"
 MODES = {"fp32": ("float32", False), "bf16": ("bfloat16", False),
@@ -72,7 +73,7 @@ class VsNanoGPT:
     accum: int = field(2, "micro-batches per step")
     threads: int = field(0, "OMP_NUM_THREADS for both; 0: leave the environment as it is")
     nano_malloc: bool = field(False, "give nanoGPT our CPU allocator setting too (glibc's MALLOC_MMAP_THRESHOLD_ "
-                              "and MALLOC_TRIM_THRESHOLD_, see common.keep_freed_memory), to see the gap "
+                              "and MALLOC_TRIM_THRESHOLD_, see device.keep_freed_memory), to see the gap "
                               "that remains without it")
     timeout: int = field(600, "seconds allowed for one run")
     keep: bool = field(False, "keep the work directory (data, logs, run directories) and print its path")

@@ -19,10 +19,9 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-import data  # noqa: E402
-import rundir  # noqa: E402
 import train  # noqa: E402
-from common import run_main  # noqa: E402
+from gpt_interventions import loader, rundir  # noqa: E402
+from gpt_interventions.errors import run_main  # noqa: E402
 
 FAULT_DIR = os.environ.get("FAULT_DIR", ".")
 KIND, _, ARG = os.environ.get("FAULT", "").partition(":")
@@ -47,7 +46,7 @@ def rss_kb():
         return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
 
 
-batch = data.TrainLoader.batch
+batch = loader.TrainLoader.batch
 save = torch.save
 seen = set()
 
@@ -89,7 +88,7 @@ def faulty_open(file, mode="r", *args, **kwargs):
     return f
 
 
-data.TrainLoader.batch = faulty_batch
+loader.TrainLoader.batch = faulty_batch
 torch.save = faulty_save
 rundir.open = faulty_open
 

@@ -8,8 +8,9 @@ import sys
 import numpy as np
 import torch
 
-from common import load_checkpoint, run_main
-from data import write_shard
+from gpt_interventions.checkpoint import load_checkpoint
+from gpt_interventions.errors import run_main
+from gpt_interventions.shards import write_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 256
@@ -79,8 +80,9 @@ def fake_run(root, name, test_loss=None, rows=(), world_size=1, **config):
     config overrides train.py's defaults; rows are metrics.jsonl rows; test_loss goes to eval.json.
     """
     import dataclasses
+
+    from gpt_interventions.training import TrainConfig
     from model import GPTConfig
-    from train import TrainConfig
     mc = {f.name: config.pop(f.name, f.default) for f in dataclasses.fields(GPTConfig)}
     tc = {f.name: config.pop(f.name, f.default) for f in dataclasses.fields(TrainConfig)}
     assert not config, f"unknown fields {config}"

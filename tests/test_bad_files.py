@@ -8,13 +8,12 @@ import shutil
 import numpy as np
 import pytest
 
-import data
 import eval as eval_py
 import sample
 import train
-from data import write_shard
+from gpt_interventions import shards
+from gpt_interventions.shards import write_shard
 from helpers import cli, make_shards, snapshot, synthetic_tokens, tiny_flags
-
 
 # --- bad files -----------------------------------------------------------------------------------
 
@@ -38,7 +37,7 @@ def test_a_damaged_checkpoint_is_refused_by_every_script(damage, data_dir, finis
 
 
 def damage_shard(path, how):
-    n = data.read_header(path)
+    n = shards.read_header(path)
     if how == "magic":
         with open(path, "r+b") as f:
             f.write(np.int32(12345).tobytes())

@@ -11,24 +11,23 @@ import pytest
 import torch
 
 import bench
-import common
 import eval as eval_script
-import load
 import train
-from common import run_main
-from helpers import curve, make_shards, tiny_flags
+from gpt_interventions import device, formats
+from gpt_interventions.errors import run_main
+from helpers import ROOT, curve, make_shards, tiny_flags
 from model import GPT, GPTConfig
 
 ODD_VOCAB = 250  # pads to 256: pad_vocab really adds rows
 
 
 def test_peak_flops_table_and_unknown_devices(monkeypatch):
-    assert common.peak_flops("cpu", "bfloat16") is None  # a CPU: no invented number
+    assert device.peak_flops("cpu", "bfloat16") is None  # a CPU: no invented number
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
-    assert common.peak_flops("cuda:0", "bfloat16") == 989e12
-    assert common.peak_flops("cuda:0", "float32") == 494e12  # TF32
+    assert device.peak_flops("cuda:0", "bfloat16") == 989e12
+    assert device.peak_flops("cuda:0", "float32") == 494e12  # TF32
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Some Future GPU")
-    assert common.peak_flops("cuda:0", "bfloat16") is None
+    assert device.peak_flops("cuda:0", "bfloat16") is None
 
 
 def test_mfu_of_gpt2_small_at_the_goal_rate():
@@ -94,7 +93,7 @@ def test_pad_vocab_changes_speed_not_results(data_dir, tmp_path):
     out = tmp_path / "hf"
     run_main(eval_script.main, [str(tmp_path / "b"), f"--export_hf={out}"])
     hf = GPT2LMHeadModel.from_pretrained(str(out)).eval()
-    model, _ = load.load_model(str(tmp_path / "b"))
+    model, _ = formats.load_model(str(tmp_path / "b"))
     assert hf.config.vocab_size == ODD_VOCAB and model.config.pad_vocab
     x = torch.randint(0, ODD_VOCAB, (2, 16))
     with torch.no_grad():
@@ -113,7 +112,7 @@ def test_compile_changes_speed_not_results(data_dir, tmp_path):
 
 FAULTS_PER_STEP = """
 import resource, sys, torch
-from common import keep_freed_memory
+from gpt_interventions.device import keep_freed_memory
 from model import GPT, GPTConfig
 if sys.argv[1] == "keep" and not keep_freed_memory():
     print("refused")
@@ -148,7 +147,7 @@ def test_keep_freed_memory_stops_the_page_faults_of_large_tensors():
            if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE")}
 
     def faults(mode):
-        out = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, mode], cwd=common.ROOT, env=env,
+        out = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, mode], cwd=ROOT, env=env,
                              capture_output=True, text=True, check=True)
         if out.stdout.strip() == "refused":
             pytest.skip("this glibc refuses an mmap threshold above 32 MiB")

@@ -6,12 +6,11 @@ import os
 
 import pytest
 
-import charts
 import compare
 import eval as eval_script
-import stats
 import train
-from common import UsageError
+from gpt_interventions import charts, stats
+from gpt_interventions.errors import UsageError
 from helpers import cli, fake_run, make_shards, snapshot, tiny_flags
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import train
-from common import load_checkpoint
-from data import write_shard
+from gpt_interventions.checkpoint import load_checkpoint
+from gpt_interventions.shards import write_shard
 from helpers import curve, make_shards, synthetic_tokens, tiny_flags, torchrun
 
 

@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import eval as eval_script
-from common import run_main
-from data import eval_windows, find_shards, read_windows
+from gpt_interventions.errors import run_main
+from gpt_interventions.evaluation import evaluate
+from gpt_interventions.loader import eval_windows, read_windows
+from gpt_interventions.shards import find_shards
 from helpers import ROOT, VOCAB, make_shards, tiny_hf, tiny_run
 
 WHOLE_TEST_SPLIT = (8_000 - 1) // 32 * 32  # make_shards' test shard in windows of block_size 32
@@ -70,12 +72,12 @@ def test_eval_is_bitwise_deterministic_and_recorded(data_dir, run_dir, tmp_path,
 
 
 def test_token_budget_scores_the_first_windows(data_dir, run_dir, tmp_path, capsys):
-    from load import load_model
+    from gpt_interventions.formats import load_model
     row = evaluate_cli(capsys, run_dir, data_dir, tmp_path / "r.jsonl", "--eval_tokens=100", "--split=val")
     assert row["tokens"] == 96 and row["eval_tokens"] == 100  # 3 whole windows of 32
     model, _ = load_model(run_dir)
     windows = eval_windows(find_shards(data_dir, "syn", "val"), 32)[:3]
-    assert row["loss"] == pytest.approx(eval_script.evaluate(model, windows, 8, "cpu")[0], rel=1e-12)
+    assert row["loss"] == pytest.approx(evaluate(model, windows, 8, "cpu")[0], rel=1e-12)
 
 
 def test_the_line_it_prints(data_dir, run_dir, tmp_path, capsys):

@@ -9,11 +9,10 @@ import os
 import pytest
 import torch
 
-import common
 import eval as eval_script
-import rundir
 import train
-from common import run_main
+from gpt_interventions import atomic, checkpoint, rundir
+from gpt_interventions.errors import run_main
 from helpers import EXACT, ROOT, assert_same_run, ckpt_of, cli, read_metrics, tiny_flags, torchrun
 
 
@@ -59,7 +58,7 @@ def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_one(wher
             if dst == path and full():
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             return replace(src, dst)
-        monkeypatch.setattr(common.os, "replace", failing_replace)
+        monkeypatch.setattr(atomic.os, "replace", failing_replace)
     else:
         def failing_save(obj, f, *args, **kwargs):
             if full():
@@ -67,7 +66,7 @@ def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_one(wher
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 f = FullDisk(f)
             return save(obj, f, *args, **kwargs)
-        monkeypatch.setattr(common.torch, "save", failing_save)
+        monkeypatch.setattr(checkpoint.torch, "save", failing_save)
     code, err = cli(train.main, tiny_flags(data_dir, out, **EXACT), capsys)
     assert code == 1 and err == (f"error: cannot write checkpoint {path} at step 8 (No space left on device); "
                                  "the previous checkpoint, at step 4, is intact\n")

@@ -13,14 +13,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import common
 import eval as eval_py
 import prepare_data
 import sample
 import train
-from common import run_main
+from gpt_interventions.cli import config_fields
+from gpt_interventions.errors import run_main
+from gpt_interventions.training import TrainConfig
 from helpers import tiny_flags
-
+from model import GPTConfig
 
 # --- bad flags: random names and values never give a traceback -----------------------------------
 
@@ -38,7 +39,7 @@ def flags(classes, leave_out=(), small=(), huge=True):
 
     `small` names get only small numbers (they size the work); `leave_out` names are never drawn.
     """
-    table = {n: v for n, v in common.config_fields(classes).items() if n not in leave_out}
+    table = {n: v for n, v in config_fields(classes).items() if n not in leave_out}
     junk = st.one_of(NUMBERS, st.integers(-3, 40).map(str), st.floats(-3, 3).map(str), TEXT,
                      *([HUGE, st.integers().map(str)] if huge else []))
 
@@ -83,7 +84,7 @@ def check_cli(main, argv, allowed=(0, 2)):
     return code
 
 
-@given(argv=flags([train.GPTConfig, train.TrainConfig]))
+@given(argv=flags([GPTConfig, TrainConfig]))
 @FUZZ
 def test_fuzz_train_flags_validate_before_anything_runs(argv, tmp_path_factory):
     empty = tmp_path_factory.mktemp("empty")  # no dataset: whatever the flags, nothing can train
@@ -96,7 +97,7 @@ TRAIN_SIZES = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch
 
 
 @pytest.mark.slow
-@given(argv=flags([train.GPTConfig, train.TrainConfig], leave_out={"data_dir", "out_dir", "dataset", "compile"},
+@given(argv=flags([GPTConfig, TrainConfig], leave_out={"data_dir", "out_dir", "dataset", "compile"},
                   small=TRAIN_SIZES))
 @FUZZ
 def test_fuzz_train_flags_on_real_data(argv, data_dir):

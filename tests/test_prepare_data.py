@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-import data
 import prepare_data
-from common import UsageError, run_main
+from gpt_interventions import shards, tokenizer
+from gpt_interventions.errors import UsageError, run_main
 from helpers import ROOT
 
 FINEWEB = os.path.join(ROOT, "assets", "corpus", "fineweb-sample-300.parquet")
@@ -36,10 +36,10 @@ def prepare(tmp_path, *flags):
 
 def split_docs(data_dir, dataset, split):
     """The split's documents decoded from its shards (each starts with the EOT separator)."""
-    enc = data.get_tokenizer()
-    tokens = np.concatenate([data.read_shard(p) for p, _ in data.find_shards(str(data_dir), dataset, split)])
-    assert tokens[0] == data.EOT
-    cuts = np.flatnonzero(tokens == data.EOT)
+    enc = tokenizer.get_tokenizer()
+    tokens = np.concatenate([shards.read_shard(p) for p, _ in shards.find_shards(str(data_dir), dataset, split)])
+    assert tokens[0] == tokenizer.EOT
+    cuts = np.flatnonzero(tokens == tokenizer.EOT)
     return [enc.decode(tokens[a + 1:b].tolist()) for a, b in zip(cuts, [*cuts[1:], tokens.size])]
 
 
@@ -85,8 +85,8 @@ def test_splits_are_disjoint_and_stable_when_max_tokens_changes(tmp_path):
     capped = prepare(tmp_path, "--dataset=capped", f"--input={glob_}", "--max_tokens=3000", *budgets)
     a, b = shard_bytes(full, "full"), shard_bytes(capped, "capped")
     assert a["val_000000.bin"] == b["val_000000.bin"] and a["test_000000.bin"] == b["test_000000.bin"]
-    train_full, train_capped = data.read_shard(str(full / "full" / "train_000000.bin")), \
-        data.read_shard(str(capped / "capped" / "train_000000.bin"))
+    train_full, train_capped = shards.read_shard(str(full / "full" / "train_000000.bin")), \
+        shards.read_shard(str(capped / "capped" / "train_000000.bin"))
     assert train_capped.size == 3000 and (train_full[:3000] == train_capped).all()
     meta = json.load(open(capped / "capped" / "meta.json"))
     assert meta["splits"]["val"]["tokens"] == 700 and meta["splits"]["test"]["tokens"] == 900
@@ -214,7 +214,7 @@ def test_interrupted_run_resumes_and_leaves_no_complete_looking_split(tmp_path, 
     root = tmp_path / "data" / "w"
     assert not [f for f in os.listdir(root) if f.endswith((".bin", ".json"))]  # nothing looks done
     with pytest.raises(UsageError, match="no train shards"):
-        data.find_shards(str(tmp_path / "data"), "w", "train")
+        shards.find_shards(str(tmp_path / "data"), "w", "train")
 
     calls.clear()
     monkeypatch.setattr(prepare_data, "encode_batch", lambda docs: calls.append(docs[0][0]) or encode(docs))
@@ -230,7 +230,7 @@ def test_crash_while_swapping_shards_in_is_detected(tmp_path):
     os.remove(out / "w" / "meta.json")  # as if stopped between the moves and meta.json
     os.makedirs(out / "w" / ".staging")
     with pytest.raises(UsageError, match="half-prepared"):
-        data.find_shards(str(out), "w", "train")
+        shards.find_shards(str(out), "w", "train")
 
 
 # --- bad input: one line, exit 2, nothing overwritten ------------------------------------------
@@ -276,15 +276,15 @@ def test_other_settings_never_overwrite_a_prepared_dataset(tmp_path, capsys):
           "was prepared with other settings (max_tokens: 0 -> 100)", capsys)
     assert shard_bytes(out, "w") == before
     prepare(tmp_path, "--dataset=w", f"--input={tmp_path / 'c.jsonl'}", "--max_tokens=100", "--overwrite")
-    assert data.read_header(str(out / "w" / "train_000000.bin")) == 100
+    assert shards.read_header(str(out / "w" / "train_000000.bin")) == 100
 
 
 def test_tokenizer_works_with_networking_unavailable(tmp_path):
     code = ("import socket\n"
             "def refuse(*a, **k): raise OSError('network disabled in this test')\n"
             "socket.socket.connect = refuse; socket.create_connection = refuse; socket.getaddrinfo = refuse\n"
-            "import data\n"
-            "enc = data.get_tokenizer()\n"
+            "from gpt_interventions import tokenizer\n"
+            "enc = tokenizer.get_tokenizer()\n"
             "print(enc.encode_ordinary('Hello world'), enc.n_vocab)\n")
     env = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_CACHE_DIR"}
     env.update(HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path), TMPDIR=str(tmp_path))
@@ -307,5 +307,5 @@ def test_training_reads_the_prepared_sample(tmp_path):
     raw[-1] ^= 1
     val.write_bytes(bytes(raw))
     with pytest.raises(UsageError, match="does not match the sha256 in meta.json"):
-        data.find_shards(str(out), "sample", "val")
+        shards.find_shards(str(out), "sample", "val")
     shutil.rmtree(tmp_path / "run")

@@ -16,15 +16,27 @@ import numpy as np
 import pytest
 import torch
 
-import common
-import data
-import rundir
 import train
-from common import UsageError, load_checkpoint
-from data import write_shard
-from helpers import (EXACT, ROOT, assert_same_run, ckpt_of, cli, curve, make_shards, read_metrics, snapshot,
-                     synthetic_tokens, tiny_flags)
-from load import load_model
+from gpt_interventions import checkpoint, loader, rundir
+from gpt_interventions.checkpoint import load_checkpoint
+from gpt_interventions.errors import UsageError
+from gpt_interventions.formats import load_model
+from gpt_interventions.shards import write_shard
+from gpt_interventions.step import step_seed
+from helpers import (
+    EXACT,
+    ROOT,
+    assert_same_run,
+    ckpt_of,
+    cli,
+    curve,
+    make_shards,
+    read_metrics,
+    snapshot,
+    synthetic_tokens,
+    tiny_flags,
+)
+from model import GPT
 
 FAULT_TRAIN = os.path.join(ROOT, "tests", "fault_train.py")
 # across world sizes only to float tolerance; dropout off, as its masks are drawn per rank
@@ -63,13 +75,13 @@ def assert_close_run(ref, out):
 
 def stop_after(monkeypatch, step):
     """SIGTERM while step `step` (0-indexed) runs, in this process."""
-    batch = data.TrainLoader.batch
+    batch = loader.TrainLoader.batch
 
     def preempt(self, s, micro):
         if s == step and micro == 0:
             os.kill(os.getpid(), signal.SIGTERM)
         return batch(self, s, micro)
-    monkeypatch.setattr(data.TrainLoader, "batch", preempt)
+    monkeypatch.setattr(loader.TrainLoader, "batch", preempt)
 
 
 # --- processes with an injected fault ----------------------------------------------------------
@@ -160,7 +172,7 @@ def test_resume_before_the_first_checkpoint_says_what_to_do(data_dir, tmp_path, 
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # as a kill before the first checkpoint: metrics.jsonl, no ckpt.pt
-    monkeypatch.setattr(common.torch, "save", crash)
+    monkeypatch.setattr(checkpoint.torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
         train.main(tiny_flags(data_dir, out, max_iters=2))
     monkeypatch.undo()
@@ -276,15 +288,15 @@ class NanGradient(torch.autograd.Function):
 
 def inject_nonfinite(monkeypatch, what, step):
     """Make the loss or only the gradient of 0-indexed `step` non-finite."""
-    forward = train.GPT.forward
-    seed = train.step_seed(1337, step, 0)  # train reseeds every step: this identifies the step
+    forward = GPT.forward
+    seed = step_seed(1337, step, 0)  # train reseeds every step: this identifies the step
 
     def bad_forward(self, idx, targets=None):
         logits, loss = forward(self, idx, targets)
         if self.training and torch.initial_seed() == seed:
             loss = loss * float("nan") if what == "loss" else NanGradient.apply(loss)
         return logits, loss
-    monkeypatch.setattr(train.GPT, "forward", bad_forward)
+    monkeypatch.setattr(GPT, "forward", bad_forward)
 
 
 @pytest.mark.parametrize("what", ["loss", "gradient"])

@@ -1,4 +1,4 @@
-"""sample.py: seeded continuations of a prompt from any model load.py takes."""
+"""sample.py: seeded continuations of a prompt from any model gpt_interventions/formats.py loads."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import sample
-from common import run_main
+from gpt_interventions.errors import run_main
 from helpers import ROOT, make_shards, tiny_hf, tiny_run
 
 PROMPT = "Every effort moves you"

@@ -5,12 +5,13 @@ import os
 import numpy as np
 import pytest
 
-import design
 import sweep
-from common import UsageError, parse_config
+from gpt_interventions import design
+from gpt_interventions.cli import parse_config
+from gpt_interventions.errors import UsageError
+from gpt_interventions.training import TrainConfig
 from helpers import ROOT, fake_run
 from model import GPTConfig
-from train import TrainConfig
 
 FIVE = ["grad_clip=0,3.5", "qkv_bias=False,True", "weight_decay=0.1,0.01", "dropout=0.1,0",
         "learning_rate=0.0004,0.0014 lr_schedule=constant,cosine warmup_frac=0,0.05 min_lr=0.00004,0.00014"]

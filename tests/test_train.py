@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import os
 import signal
@@ -5,10 +6,17 @@ import signal
 import pytest
 import torch
 
-import data
 import train
-from common import load_checkpoint
+from gpt_interventions import loader
+from gpt_interventions.checkpoint import load_checkpoint
+from gpt_interventions.errors import run_main
+from gpt_interventions.optimizer import configure_optimizer
+from gpt_interventions.schedule import get_lr
+from gpt_interventions.shards import find_shards, read_tokens
+from gpt_interventions.step import step_seed
+from gpt_interventions.training import TrainConfig, make_plan
 from helpers import VOCAB, curve, make_shards, read_metrics, tiny_flags
+from model import GPT, GPTConfig
 
 
 @pytest.fixture
@@ -25,15 +33,15 @@ def run(data_dir, out_dir, **overrides):
 
 
 def plan_and_config(**kw):
-    tc = train.TrainConfig(**{"max_iters": 100, "max_tokens": 0, "learning_rate": 1e-3, "min_lr": 1e-4, **kw})
-    mc = train.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16)
-    return train.make_plan(mc, train.dataclasses.replace(tc, total_batch_size=0, batch_size=1), 1), tc
+    tc = TrainConfig(**{"max_iters": 100, "max_tokens": 0, "learning_rate": 1e-3, "min_lr": 1e-4, **kw})
+    mc = GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16)
+    return make_plan(mc, dataclasses.replace(tc, total_batch_size=0, batch_size=1), 1), tc
 
 
 def test_cosine_schedule_boundaries():
     plan, tc = plan_and_config(lr_schedule="cosine", warmup_frac=0.05)
     assert plan.warmup_steps == 5
-    lrs = [train.get_lr(s, tc, plan) for s in range(100)]
+    lrs = [get_lr(s, tc, plan) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-3 / 5) and lrs[0] > 0  # never 0 at step 0
     assert lrs[4] == pytest.approx(1e-3)  # warmup ends at the peak
     assert lrs[5] == pytest.approx(1e-3)  # cosine starts at the peak
@@ -44,12 +52,12 @@ def test_cosine_schedule_boundaries():
 
 def test_constant_schedule_with_warmup_iters():
     plan, tc = plan_and_config(lr_schedule="constant", warmup_iters=10)
-    assert [train.get_lr(s, tc, plan) for s in (0, 9, 10, 99)] == pytest.approx([1e-4, 1e-3, 1e-3, 1e-3])
+    assert [get_lr(s, tc, plan) for s in (0, 9, 10, 99)] == pytest.approx([1e-4, 1e-3, 1e-3, 1e-3])
 
 
 def test_constant_schedule_without_warmup_is_flat():
     plan, tc = plan_and_config()
-    assert {train.get_lr(s, tc, plan) for s in range(100)} == {1e-3}
+    assert {get_lr(s, tc, plan) for s in range(100)} == {1e-3}
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -92,11 +100,11 @@ def test_same_seed_is_bitwise_deterministic(data_dir, tmp_path):
 
 
 def test_data_order_is_independent_of_seed_and_data_seed_shuffles(data_dir):
-    shards = data.find_shards(data_dir, "syn", "train")
-    plain = data.TrainLoader(shards, 256, 8, 32, 1, 0, 1, 0, VOCAB)
+    shards = find_shards(data_dir, "syn", "train")
+    plain = loader.TrainLoader(shards, 256, 8, 32, 1, 0, 1, 0, VOCAB)
     x0, _ = plain.batch(0, 0)
-    assert (x0.ravel() == data.read_tokens(shards[0][0], 0, 256)).all()  # first chunk, in order
-    shuffled = data.TrainLoader(shards, 256, 8, 32, 1, 0, 1, 7, VOCAB)
+    assert (x0.ravel() == read_tokens(shards[0][0], 0, 256)).all()  # first chunk, in order
+    shuffled = loader.TrainLoader(shards, 256, 8, 32, 1, 0, 1, 7, VOCAB)
     order = [shuffled.locate(s)[2] for s in range(plain.chunks)]
     assert sorted(order) == list(range(plain.chunks)) and order != sorted(order)
 
@@ -105,17 +113,17 @@ def test_resume_after_sigterm_is_bitwise_exact(data_dir, tmp_path, monkeypatch, 
     overrides = dict(max_iters=12, dropout=0.1, lr_schedule="cosine", warmup_iters=3, grad_clip=1.0)
     full = run(data_dir, tmp_path / "full", **overrides)
 
-    batch = data.TrainLoader.batch
+    batch = loader.TrainLoader.batch
 
     def preempt_at_step_5(self, step, micro):
         if step == 5 and micro == 0:
             os.kill(os.getpid(), signal.SIGTERM)  # handled by train: checkpoint after this step
         return batch(self, step, micro)
-    monkeypatch.setattr(data.TrainLoader, "batch", preempt_at_step_5)
+    monkeypatch.setattr(loader.TrainLoader, "batch", preempt_at_step_5)
     part = run(data_dir, tmp_path / "part", **overrides)
     assert load_checkpoint(os.path.join(part, "ckpt.pt"))["step"] == 6
     assert "Resume with: python train.py --resume" in capsys.readouterr().out
-    monkeypatch.setattr(data.TrainLoader, "batch", batch)
+    monkeypatch.setattr(loader.TrainLoader, "batch", batch)
     run(data_dir, tmp_path / "part", resume=True, **overrides)
 
     assert curve(part) == curve(full)
@@ -136,27 +144,27 @@ def test_grad_clip_logs_the_preclip_norm_and_clips(data_dir, tmp_path):
 
 
 def test_weight_decay_groups_cover_every_parameter_once():
-    model = train.GPT(train.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16,
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16,
                                       tie_weights=True, qkv_bias=True))
     for which, decayed in (("all", 16), ("matrices", 6)):  # wte wpe c_attn c_proj c_fc c_proj
-        opt = train.configure_optimizer(model, train.TrainConfig(decay_params=which), "cpu")
+        opt = configure_optimizer(model, TrainConfig(decay_params=which), "cpu")
         groups = opt.param_groups
         assert len(groups[0]["params"]) == decayed and groups[0]["weight_decay"] == 0.1
         assert sum(len(g["params"]) for g in groups) == len(list(model.parameters())) == 16
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
-    forward = train.GPT.forward
+    forward = GPT.forward
 
     def explode_after_step_6(self, idx, targets=None):
         logits, loss = forward(self, idx, targets)
-        if self.training and train.torch.initial_seed() == explode_after_step_6.seed_at_7:
+        if self.training and torch.initial_seed() == explode_after_step_6.seed_at_7:
             loss = loss * float("nan")
         return logits, loss
-    explode_after_step_6.seed_at_7 = train.step_seed(1337, 7, 0)
-    monkeypatch.setattr(train.GPT, "forward", explode_after_step_6)
+    explode_after_step_6.seed_at_7 = step_seed(1337, 7, 0)
+    monkeypatch.setattr(GPT, "forward", explode_after_step_6)
     with pytest.raises(SystemExit) as e:
-        train.run_main(train.main, tiny_flags(data_dir, str(tmp_path / "nan"), checkpoint_interval=4, log_interval=4))
+        run_main(train.main, tiny_flags(data_dir, str(tmp_path / "nan"), checkpoint_interval=4, log_interval=4))
     assert e.value.code == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "non-finite loss or gradient at step 8" in err and "is kept" in err

@@ -8,10 +8,13 @@ import sys
 import pytest
 
 import train
-from common import UsageError, parse_config, run_main
+from gpt_interventions.cli import parse_config
+from gpt_interventions.errors import UsageError, run_main
+from gpt_interventions.training import TrainConfig
 from helpers import ROOT, make_shards, tiny_flags
+from model import GPTConfig
 
-CLASSES = [train.GPTConfig, train.TrainConfig]
+CLASSES = [GPTConfig, TrainConfig]
 
 
 def parse(*argv):
@@ -60,7 +63,7 @@ def test_help_lists_every_field_with_its_default(capsys):
 
 
 def test_readme_flag_table_matches_the_code():
-    from common import markdown_table
+    from gpt_interventions.cli import markdown_table
     with open(os.path.join(ROOT, "README.md")) as f:
         assert markdown_table(CLASSES) in f.read()
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from common import run_main
+from gpt_interventions.errors import run_main
 from helpers import ROOT, cli
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))

@@ -18,8 +18,10 @@ from contextlib import contextmanager
 
 import torch
 
-from common import UsageError, atomic_write, load_checkpoint, write_json
-from data import EOT
+from gpt_interventions.atomic import atomic_write, write_json
+from gpt_interventions.checkpoint import load_checkpoint
+from gpt_interventions.errors import UsageError
+from gpt_interventions.tokenizer import EOT
 from model import GPT, GPTConfig
 
 HF_FILES = ("config.json", "model.safetensors")
@@ -95,8 +97,13 @@ def _from_checkpoint(path):
 def _download(repo_id):
     """Paths of the hub model's config.json and model.safetensors (the hub's cache is reused)."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import (EntryNotFoundError, HfHubHTTPError, HFValidationError,
-                                       LocalEntryNotFoundError, RepositoryNotFoundError)
+    from huggingface_hub.utils import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
     hint = (f"on a machine with network run `hf download {repo_id} {' '.join(HF_FILES)} --local-dir DIR` "
             "and pass DIR as MODEL")
     try:

@@ -6,7 +6,8 @@ import math
 import os
 import re
 
-from common import atomic_write, print0
+from gpt_interventions.atomic import atomic_write
+from gpt_interventions.device import print0
 
 
 class Run:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stats import t_quantile
+from gpt_interventions.stats import t_quantile
 
 LETTERS = "ABCDEFGHJKLMNOPQRSTUVWXYZ"  # no I: it is the identity column
 

@@ -9,7 +9,7 @@ import gzip
 import json
 import os
 
-from common import UsageError
+from gpt_interventions.errors import UsageError
 
 BATCH_DOCS = 512  # documents per batch, which is also the task a tokenizer worker gets
 

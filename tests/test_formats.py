@@ -1,4 +1,4 @@
-"""load.py: GPT-2 weights in the Hugging Face format (local or from the hub) and export of ours."""
+"""gpt_interventions/formats.py: GPT-2 weights in the Hugging Face format (local or from the hub) and export of ours."""
 
 import json
 import os
@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import eval as eval_script
-import load
-from common import UsageError, run_main
+from gpt_interventions import formats
+from gpt_interventions.errors import UsageError, run_main
 from helpers import ROOT, VOCAB, make_shards, tiny_hf, tiny_run
 
 
@@ -28,7 +28,7 @@ def ours(model, x):
 @pytest.mark.parametrize("tie", [True, False])
 def test_hf_gpt2_loads_with_equal_logits(tmp_path, tie):
     hf = tiny_hf(tmp_path / "hf", tie=tie)
-    model, info = load.load_model(str(tmp_path / "hf"))
+    model, info = formats.load_model(str(tmp_path / "hf"))
     assert info["source"] == "huggingface" and info["config"]["model"]["tie_weights"] is tie
     assert model.config.qkv_bias and not model.training
     tied = model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
@@ -46,7 +46,7 @@ def test_original_openai_file_layout_loads(tmp_path):
     for i in range(2):
         tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))
     save_file(tensors, path, metadata={"format": "pt"})
-    model, _ = load.load_model(str(tmp_path / "hf"))
+    model, _ = formats.load_model(str(tmp_path / "hf"))
     x = torch.randint(0, VOCAB, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(ours(model, x), hf(x).logits, rtol=0, atol=1e-5)
@@ -67,11 +67,11 @@ def test_export_loads_in_transformers_with_equal_logits(data_dir, tmp_path, qkv_
         assert all(not b.attn.c_attn.bias.any() for b in hf.transformer.h)
     else:
         assert hf.transformer.h[0].attn.c_attn.bias.abs().sum() > 0  # trained biases, not zeros
-    model, _ = load.load_model(ckpt)
+    model, _ = formats.load_model(ckpt)
     x = torch.randint(0, VOCAB, (3, 32))
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, ours(model, x), rtol=0, atol=1e-5)
-        back, _ = load.load_model(str(out))  # and our loader reads our export
+        back, _ = formats.load_model(str(out))  # and our loader reads our export
         torch.testing.assert_close(ours(back, x), ours(model, x), rtol=0, atol=1e-5)
 
 
@@ -96,7 +96,7 @@ def test_hub_id_goes_through_hf_hub_download(tmp_path, monkeypatch):
         calls.append((repo_id, filename))
         return str(tmp_path / "served" / filename)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    model, info = load.load_model("someone/tiny-gpt2")
+    model, info = formats.load_model("someone/tiny-gpt2")
     assert calls == [("someone/tiny-gpt2", "config.json"), ("someone/tiny-gpt2", "model.safetensors")]
     assert info["hub_id"] == "someone/tiny-gpt2" and info["model"] == "someone/tiny-gpt2"
     x = torch.randint(0, VOCAB, (2, 32))
@@ -113,7 +113,7 @@ def test_unreachable_hub_is_one_line_naming_a_local_directory(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(UsageError) as e:
-        load.load_model("gpt2-medium")
+        formats.load_model("gpt2-medium")
     assert "\n" not in str(e.value)
     assert "(no network)" in str(e.value) and "hf download gpt2-medium" in str(e.value)
 
@@ -136,12 +136,12 @@ def test_local_path_typo_is_not_sent_to_the_hub(tmp_path, monkeypatch):
     (tmp_path / "out").mkdir()
     for spec in ("out/typo", "missing.pt", "./gpt2"):
         with pytest.raises(UsageError, match="not found"):
-            load.load_model(spec)
+            formats.load_model(spec)
     (tmp_path / "out" / "started").mkdir()
     for name in ("config.json", "metrics.jsonl"):  # a run stopped before its first checkpoint
         (tmp_path / "out" / "started" / name).write_text("{}")
     with pytest.raises(UsageError, match="run directory out/started has no ckpt.pt yet"):
-        load.load_model("out/started")
+        formats.load_model("out/started")
 
 
 @pytest.mark.parametrize("change,message", [
@@ -154,7 +154,7 @@ def test_other_architectures_are_refused(tmp_path, change, message):
     path = tmp_path / "hf" / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
     with pytest.raises(UsageError) as e:
-        load.load_model(str(tmp_path / "hf"))
+        formats.load_model(str(tmp_path / "hf"))
     assert message in str(e.value)
 
 
@@ -163,4 +163,4 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
     path = tmp_path / "hf" / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "n_layer": 3}))
     with pytest.raises(UsageError, match="weights do not fit the model config"):
-        load.load_model(str(tmp_path / "hf"))
+        formats.load_model(str(tmp_path / "hf"))

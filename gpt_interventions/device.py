@@ -1,0 +1,133 @@
+"""Device, torch.distributed and precision: set up once, used by every script.
+
+`setup_dist` picks the device and joins torchrun's process group (NCCL on CUDA, gloo on the CPU);
+`autocast` and `set_tf32` decide the numerics; `peak_flops` is the device's data-sheet peak for MFU.
+"""
+
+import ctypes
+import os
+import re
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from gpt_interventions.errors import UsageError
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: str
+    kept_freed_memory: bool = False  # keep_freed_memory() took effect (CPU, glibc)
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def device_type(self):
+        return "cuda" if self.device.startswith("cuda") else "cpu"
+
+
+def setup_dist(device="auto"):
+    """Initialise torch.distributed when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise UsageError(f"--device={device!r}: use auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device=cuda but no CUDA device is available; use --device=cpu")
+    kept = device == "cpu" and keep_freed_memory()
+    if "RANK" not in os.environ:
+        return Dist(0, 0, 1, device, kept)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return Dist(rank, local_rank, world_size, device, kept)
+
+
+def keep_freed_memory():
+    """On the CPU: have glibc keep freed memory for reuse rather than hand it back to the kernel.
+
+    A CPU step allocates and frees tensors of tens to hundreds of MB (the (B, T, vocab) logits and
+    their gradient). Above glibc's mmap threshold (32 MiB at most by default) every one is a fresh
+    mmap whose pages the kernel zeroes on first touch: over half of the tiny model's step was that
+    system time (BENCHMARKS.md). Raising the mmap and trim thresholds to their maximum lets the
+    heap reuse the blocks. Numbers are unchanged; the process keeps its peak memory instead of
+    returning it, and fragmentation can take it past that peak when tensor sizes vary.
+    Returns whether both settings took: False without glibc's mallopt (macOS, musl), and where
+    an older glibc refuses an mmap threshold above 32 MiB; then nothing else changes.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    most = ctypes.c_int(2**31 - 1)  # mallopt takes an int
+    trim = mallopt(M_TRIM_THRESHOLD, most)  # set even if the next one is refused: harmless alone
+    return bool(mallopt(M_MMAP_THRESHOLD, most)) and bool(trim)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+
+
+def teardown_dist():
+    """After a clean finish: wait until every rank is done, then destroy the process group.
+
+    The barrier means no rank tears gloo down while a peer still talks to it (a rank could die
+    with SIGABRT at exit). Call it only on success: after an error on one rank the others may sit
+    in a collective, and a barrier or destroy would hang; the process exit cleans up instead.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+PTDTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast(device_type, dtype):
+    """Mixed-precision context: autocast for bf16/fp16, nothing for fp32."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype=PTDTYPE[dtype])
+
+
+def set_tf32(enabled):
+    """TF32 matmuls on Ampere+ GPUs; no effect on CPU."""
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if enabled else "ieee"
+    torch.backends.cudnn.conv.fp32_precision = "tf32" if enabled else "ieee"
+
+
+# peak dense tensor throughput in FLOP/s, from the vendors' data sheets (no sparsity)
+PEAK_FLOPS = {
+    ("H200", "bfloat16"): 989e12, ("H100", "bfloat16"): 989e12, ("A100", "bfloat16"): 312e12,
+    ("A10", "bfloat16"): 125e12, ("L4", "bfloat16"): 121e12, ("4090", "bfloat16"): 165e12,
+    ("3090", "bfloat16"): 71e12,
+    ("H200", "float32"): 494e12, ("H100", "float32"): 494e12, ("A100", "float32"): 156e12,  # TF32
+    ("A10", "float32"): 62.5e12, ("L4", "float32"): 60e12, ("4090", "float32"): 82.6e12,
+    ("3090", "float32"): 35.6e12,
+}
+PEAK_FLOPS.update({(gpu, "float16"): v for (gpu, dt), v in list(PEAK_FLOPS.items()) if dt == "bfloat16"})
+
+
+def peak_flops(device, dtype):
+    """Peak FLOP/s of this device at this dtype, or None when unknown (a CPU, an unlisted GPU)."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for (gpu, dt), value in PEAK_FLOPS.items():
+        if gpu in name and dt == dtype:
+            return value
+    return None

@@ -1,0 +1,35 @@
+"""The one function that scores a model: eval.py's test loss and train.py's validation both call it."""
+
+import torch
+import torch.distributed as dist
+
+from gpt_interventions.device import autocast
+from gpt_interventions.loader import read_windows
+
+
+@torch.no_grad()
+def evaluate(model, windows, batch_size, device, dtype="float32", rank=0, world_size=1):
+    """Mean cross-entropy over every target token of `windows`, summed in float64.
+
+    Windows are dealt round-robin to ranks and the sums all-reduced, so any world size scores
+    exactly the same tokens. Returns (loss, tokens).
+    """
+    model = getattr(model, "_orig_mod", model)  # a compiled model wraps the original; eval runs eager
+    was_training = model.training
+    model.eval()
+    mine = windows[rank::world_size]
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, token count)
+    device_type = "cuda" if str(device).startswith("cuda") else "cpu"
+    chunk = 2**27 if device_type == "cuda" else 2**19  # logits at a time: see GPT.nll_sum
+    for i in range(0, len(mine), batch_size):
+        x, y = read_windows(mine[i:i + batch_size], model.config.block_size, model.config.vocab_size)
+        x = torch.from_numpy(x).to(device, non_blocking=True)
+        y = torch.from_numpy(y).to(device, non_blocking=True)
+        with autocast(device_type, dtype):
+            total[0] += model.nll_sum(x, y, chunk)
+        total[1] += y.numel()
+    if world_size > 1:
+        dist.all_reduce(total)
+    model.train(was_training)
+    loss_sum, tokens = total.tolist()
+    return loss_sum / tokens, int(tokens)

@@ -1,0 +1,113 @@
+"""Finished runs as data: each run's config, metrics and test loss, and replicate groups.
+
+A run's interventions are its config's differences from the baseline's; runs whose configs differ
+only in seed or data_seed are replicates of one configuration (a group).
+"""
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+
+from gpt_interventions.errors import UsageError
+from gpt_interventions.tables import fmt
+from gpt_interventions.training import RUNTIME_FIELDS
+
+IGNORED = RUNTIME_FIELDS | {"charts"}  # change how, not what, a run computes
+REPLICATE = {"seed", "data_seed"}       # differ between replicates of one configuration
+
+
+@dataclass
+class FinishedRun:
+    name: str
+    dir: str
+    config: dict         # model and train fields, flattened
+    rows: list           # metrics.jsonl
+    loss: float | None   # the test loss, else the last validation loss
+    source: str          # "test" or "val" (no test evaluation yet)
+    test_tokens: int | None
+    world_size: int
+
+    def last(self, key):
+        return next((r[key] for r in reversed(self.rows) if r.get(key) is not None), None)
+
+    @property
+    def wall_s(self):
+        """Training time: each logged row's dt_ms covers the steps since the row before it."""
+        total, prev = 0.0, 0
+        for r in self.rows:
+            if "dt_ms" in r:
+                total += r["dt_ms"] / 1000 * (r["step"] - prev)
+                prev = r["step"]
+        return total
+
+
+def load_run(run_dir):
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            meta = json.load(f)
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{run_dir} is not a readable run directory ({e})") from None
+    config = {**meta["model"], **meta["train"]}
+    name = config.get("run_name") or os.path.basename(os.path.normpath(run_dir))
+    test, tokens = None, None
+    eval_path = os.path.join(run_dir, "eval.json")
+    if os.path.isfile(eval_path):
+        with open(eval_path) as f:
+            row = json.load(f).get(f"{config['dataset']}/test")  # eval.py's key: dataset/split
+        if row:
+            test, tokens = row["loss"], row["tokens"]
+    run = FinishedRun(name, run_dir, config, rows, test, "test", tokens, meta.get("env", {}).get("world_size", 1))
+    if test is None:
+        run.loss, run.source = run.last("val_loss"), "val"
+    return run
+
+
+def load_runs(patterns):
+    """Runs from directories and globs (a glob skips what is not a run; a named directory must be one)."""
+    dirs = []
+    for p in patterns:
+        matches = sorted(glob.glob(p)) if glob.has_magic(p) else [p]
+        matches = [m for m in matches if not glob.has_magic(p) or os.path.isfile(os.path.join(m, "config.json"))]
+        if not matches:
+            raise UsageError(f"no run directories match {p!r}")
+        dirs += [m for m in matches if os.path.normpath(m) not in map(os.path.normpath, dirs)]
+    return [load_run(d) for d in dirs]
+
+
+def diff(config, base):
+    """`k=v, ...` of the fields that change what a run computes (not seeds), in field order."""
+    keys = [k for k in {**base, **config} if k not in IGNORED | REPLICATE]
+    return ", ".join(f"{k}={fmt(config.get(k))}" for k in keys if config.get(k) != base.get(k))
+
+
+def group_key(config):
+    return tuple(sorted((k, v) for k, v in config.items() if k not in IGNORED | REPLICATE))
+
+
+def find(runs, spec, flag):
+    for r in runs:
+        if spec in (r.name, r.dir) or os.path.normpath(spec) == os.path.normpath(r.dir):
+            return r
+    raise UsageError(f"--{flag}={spec}: no such run among {', '.join(r.name for r in runs)}")
+
+
+@dataclass
+class Group:
+    label: str
+    runs: list
+
+    @property
+    def losses(self):
+        return [r.loss for r in self.runs if r.loss is not None]
+
+
+def group_runs(runs, baseline):
+    """Replicate groups, the baseline's first, then in the order their runs were given."""
+    groups = {}
+    for r in sorted(runs, key=lambda r: group_key(r.config) != group_key(baseline.config)):
+        label = diff(r.config, baseline.config) or "baseline"
+        groups.setdefault(group_key(r.config), Group(label, [])).runs.append(r)
+    return list(groups.values())

@@ -1,0 +1,56 @@
+"""One training step's model work, shared by train.py and bench.py so that the benchmark times
+exactly what a run computes: compile and DDP wrapping, batches to the device, forward and backward
+over the micro-batches, unscaling and clipping, and the dropout seed of each step."""
+
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+def wrap_model(model, tc, d):
+    """(compiled model, its DDP wrapper or itself): compile first, then DDP; `model` stays the
+    plain module that checkpoints save."""
+    fwd_model = torch.compile(model) if tc.compile else model
+    if d.world_size == 1:
+        return fwd_model, fwd_model
+    return fwd_model, DDP(fwd_model, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
+
+
+def to_device(arrays, device):
+    """numpy batch -> device tensors; on CUDA through pinned memory, so the copy does not block."""
+    tensors = [torch.from_numpy(a) for a in arrays]
+    if device.startswith("cuda"):
+        tensors = [t.pin_memory() for t in tensors]
+    return [t.to(device, non_blocking=True) for t in tensors]
+
+
+def accumulate_gradients(ddp_model, model, optimizer, scaler, batches, accum, ctx, d, grad_clip):
+    """Forward and backward over one step's micro-batches, then unscale and clip.
+
+    Returns (sum of the micro-batch mean losses, pre-clip global gradient norm), both still on
+    the device: nothing here waits for the device, so the next batch is read while it works.
+    bench.py times exactly this function.
+    """
+    loss_sum = torch.zeros((), device=d.device)
+    for micro, arrays in enumerate(batches):
+        x, y = to_device(arrays, d.device)
+        # DDP all-reduces gradients only on the last micro-batch
+        sync = ddp_model.no_sync() if d.world_size > 1 and micro < accum - 1 else nullcontext()
+        with sync:
+            with ctx:
+                _, loss = ddp_model(x, y)
+            loss_sum += loss.detach()
+            scaler.scale(loss / accum).backward()
+    scaler.unscale_(optimizer)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)  # pre-clip global norm
+    if grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), grad_clip, norm)
+    return loss_sum, norm
+
+
+def step_seed(seed, step, rank):
+    """Dropout RNG seed of one step on one rank: resume needs no RNG state to be bitwise exact."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])

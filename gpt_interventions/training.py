@@ -1,0 +1,109 @@
+"""TrainConfig, the flags of a run, and the Plan derived from it once: batch, accumulation, steps."""
+
+import math
+from dataclasses import asdict, dataclass
+
+from gpt_interventions.cli import field
+from gpt_interventions.errors import UsageError
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = field("", "run name; default: the last preset's file name, else 'run'")
+    out_dir: str = field("", "run directory; default out/<run_name>")
+    resume: bool = field(False, "continue the run in out_dir from its ckpt.pt")
+    # data
+    dataset: str = field("fineweb", "dataset directory under data_dir (made by prepare_data.py)")
+    data_dir: str = field("data", "root of the prepared datasets")
+    data_seed: int = field(0, "0: chunks in order through the shards; N > 0: shuffled per epoch")
+    # batch and length
+    batch_size: int = field(16, "micro-batch size in sequences, per rank")
+    total_batch_size: int = field(524288, "tokens per optimizer step; 0: one micro-batch per rank")
+    gradient_accumulation_steps: int = field(0, "micro-batches per step per rank; 0: derived")
+    max_iters: int = field(0, "optimizer steps; 0: from max_tokens")
+    max_tokens: int = field(3_260_000_000, "training tokens, rounded up to whole steps")
+    # optimizer and schedule
+    learning_rate: float = field(4e-4, "peak learning rate (AdamW)")
+    lr_schedule: str = field("constant", "after warmup: constant, or cosine to min_lr at the last step",
+                             choices=("constant", "cosine"))
+    warmup_iters: int = field(0, "linear warmup steps; 0: use warmup_frac")
+    warmup_frac: float = field(0.0, "linear warmup as a fraction of the run's steps")
+    min_lr: float = field(4e-5, "learning rate at the last step of the cosine schedule")
+    weight_decay: float = field(0.1, "AdamW decoupled weight decay")
+    decay_params: str = field("all", "which parameters decay: all (as the story's code) or matrices",
+                              choices=("all", "matrices"))
+    beta1: float = field(0.9, "AdamW beta1")
+    beta2: float = field(0.999, "AdamW beta2")
+    eps: float = field(1e-8, "AdamW epsilon")
+    grad_clip: float = field(0.0, "clip the global gradient norm to this; 0: off (norm still logged)")
+    # numerics and speed
+    dtype: str = field("bfloat16", "autocast dtype; float16 adds a GradScaler",
+                       choices=("float32", "bfloat16", "float16"))
+    tf32: bool = field(True, "TF32 matmuls for float32 work on Ampere+ GPUs")
+    compile: bool = field(True, "torch.compile the model")
+    device: str = field("auto", "auto, cpu, cuda or cuda:N")
+    seed: int = field(1337, "seed of the initial weights and of dropout")
+    nonfinite: str = field("stop", "on a non-finite loss or gradient: stop the run, or skip the step",
+                           choices=("stop", "skip"))
+    # logging, evaluation, checkpoints
+    log_interval: int = field(10, "steps between logged metrics rows")
+    eval_interval: int = field(250, "steps between validation evaluations; 0: only at the end")
+    eval_tokens: int = field(2_097_152, "validation token budget (the same tokens every time)")
+    eval_batch_size: int = field(0, "sequences per evaluation batch; 0: batch_size")
+    checkpoint_interval: int = field(500, "steps between checkpoints (one is always written at the end)")
+    keep_checkpoints: int = field(0, "also keep the last N checkpoints as ckpt_STEP.pt; 0: only ckpt.pt")
+    charts: bool = field(True, "draw the run's curves as PNG files in out_dir/charts/ when it finishes")
+
+
+POSITIVE = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "log_interval",
+            "checkpoint_interval", "learning_rate"}
+FRACTIONS = {"dropout", "beta1", "beta2"}  # in [0, 1)
+
+# Fields that may differ when a run is resumed: they change how, not what, it computes.
+RUNTIME_FIELDS = {"resume", "out_dir", "run_name", "data_dir", "batch_size",
+                  "gradient_accumulation_steps", "compile", "device", "log_interval",
+                  "eval_interval", "eval_batch_size", "checkpoint_interval", "keep_checkpoints",
+                  "nonfinite", "charts"}
+# max_iters/max_tokens are not among them: the cosine schedule of the remaining steps depends on them.
+
+
+@dataclass
+class Plan:
+    """Values derived once from the config and the world size."""
+    accum: int
+    tokens_per_step: int
+    max_steps: int
+    warmup_steps: int
+
+
+def make_plan(mc, tc, world_size):
+    for name, value in [*asdict(mc).items(), *asdict(tc).items()]:  # every number is finite and >= 0
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value) or value < 0 or (name in POSITIVE and value == 0):
+            raise UsageError(f"--{name} must be {'positive' if name in POSITIVE else '0 or more'}, got {value}")
+        if name in FRACTIONS and value >= 1:
+            raise UsageError(f"--{name} must be in [0, 1), got {value}")
+        if name in ("seed", "data_seed") and value >= 2**63:
+            raise UsageError(f"--{name} must be less than 2**63, got {value}")
+    if mc.n_embd % mc.n_head:
+        raise UsageError(f"n_embd {mc.n_embd} is not divisible by n_head {mc.n_head}")
+    micro = tc.batch_size * mc.block_size * world_size  # tokens in one micro-batch over all ranks
+    if tc.total_batch_size:
+        if tc.total_batch_size % micro:
+            raise UsageError(f"total_batch_size {tc.total_batch_size} is not divisible into micro-batches "
+                             f"of batch_size*block_size*ranks = {micro} tokens")
+        accum = tc.total_batch_size // micro
+        if tc.gradient_accumulation_steps and tc.gradient_accumulation_steps != accum:
+            raise UsageError(f"gradient_accumulation_steps {tc.gradient_accumulation_steps} contradicts "
+                             f"total_batch_size {tc.total_batch_size} (which gives {accum}); set one of them")
+    else:
+        accum = tc.gradient_accumulation_steps or 1
+    tokens_per_step = micro * accum
+    if tc.max_iters < 0 or tc.max_tokens < 0 or not (tc.max_iters or tc.max_tokens):
+        raise UsageError("set a positive --max_iters or --max_tokens")
+    max_steps = tc.max_iters or math.ceil(tc.max_tokens / tokens_per_step)
+    warmup = tc.warmup_iters or round(tc.warmup_frac * max_steps)
+    if not 0 <= tc.warmup_frac <= 1 or warmup < 0 or warmup > max_steps:
+        raise UsageError(f"warmup of {warmup} steps does not fit a run of {max_steps} steps")
+    return Plan(accum, tokens_per_step, max_steps, warmup)
