@@ -25,6 +25,9 @@ class GPTConfig:
     qkv_bias: bool = field(False, "bias on the query/key/value projection only")
     tie_weights: bool = field(False, "share the token embedding with the output head")
     pad_vocab: bool = field(False, "pad embedding and head rows to a multiple of 64 (faster; adds parameters)")
+    init: str = field("torch", "initial weights: torch (PyTorch's module defaults, as the book's and the "
+                      "story's code) or gpt2 (N(0, 0.02), residual projections scaled, biases 0)",
+                      choices=("torch", "gpt2"))
 
     @property
     def padded_vocab(self):
@@ -87,7 +90,7 @@ class GPT(nn.Module):
             raise ValueError(f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
         self.config = config
         # Construction draws from the RNG (nn.Linear's own init, more of it with qkv_bias); rewind
-        # so our init below draws the same numbers whatever the switches: turning qkv_bias or
+        # so that the init below draws the same numbers whatever the switches: turning qkv_bias or
         # tie_weights on changes only the parameters it adds or removes, not the others.
         rng = torch.get_rng_state()
         self.transformer = nn.ModuleDict(dict(
@@ -99,23 +102,57 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab, bias=False)
         torch.set_rng_state(rng)
-        self.apply(self._init_weights)
-        if config.tie_weights:
-            self.lm_head.weight = self.transformer.wte.weight  # one tensor, two names
+        if config.init == "gpt2":
+            self.apply(self._init_gpt2)
+        else:
+            self._init_torch()
+        if config.tie_weights:  # the head was drawn too, so tying changes no other weight's draw
+            self.lm_head.weight = self.transformer.wte.weight  # one tensor, two names: wte's init
 
-    def _init_weights(self, module):
+    @torch.no_grad()
+    def _init_torch(self):
+        """PyTorch's module defaults, which the book's GPTModel (and so the story's code) keeps:
+        Embedding N(0, 1); Linear weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)); LayerNorm 1, 0.
+
+        Drawn module by module, the head included (a tied head is then replaced by wte), and the
+        QKV biases last, so that neither switch moves another weight's draw. The book's separate
+        W_query/W_key/W_value have the same fan_in as our fused c_attn, so the same distribution.
+        """
+        qkv = [block.attn.c_attn for block in self.transformer.h]
+        for module in self.modules():
+            if isinstance(module, nn.Embedding):
+                self._rows(module).normal_(0.0, 1.0)
+            elif isinstance(module, nn.Linear):
+                bound = 1 / math.sqrt(module.in_features)
+                self._rows(module).uniform_(-bound, bound)
+                if module.bias is not None and not any(module is m for m in qkv):
+                    module.bias.uniform_(-bound, bound)
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+        for module in qkv:
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.in_features)
+                module.bias.uniform_(-bound, bound)
+
+    @torch.no_grad()
+    def _rows(self, module):
+        """The rows of a weight that the RNG fills: pad_vocab's extra rows of wte and lm_head start at
+        zero and draw nothing, so padding leaves every other initial weight as it was (and those
+        rows are never used)."""
+        weight = module.weight
+        if module is self.transformer.wte or module is self.lm_head:
+            weight.zero_()
+            weight = weight[: self.config.vocab_size]
+        return weight
+
+    def _init_gpt2(self, module):
         # GPT-2 init: N(0, 0.02); residual projections scaled by 1/sqrt(2 * n_layer); biases 0
         if isinstance(module, (nn.Linear, nn.Embedding)):
             std = 0.02
             if getattr(module, "RESIDUAL_SCALE", False):
                 std /= math.sqrt(2 * self.config.n_layer)
-            weight = module.weight
-            if module is self.transformer.wte or module is self.lm_head:
-                # pad_vocab's extra rows start at zero and draw nothing from the RNG, so padding
-                # leaves every other initial weight as it was (and those rows are never used)
-                torch.nn.init.zeros_(weight)
-                weight = weight[: self.config.vocab_size]
-            torch.nn.init.normal_(weight, mean=0.0, std=std)
+            torch.nn.init.normal_(self._rows(module), mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):

@@ -1,3 +1,4 @@
+import hashlib
 import math
 
 import pytest
@@ -46,16 +47,87 @@ def test_tied_weights_share_storage_and_untied_do_not():
     assert again.lm_head.weight.data_ptr() == again.transformer.wte.weight.data_ptr()
 
 
+@pytest.mark.parametrize("init", ["torch", "gpt2"])
 @pytest.mark.parametrize("switch", ["qkv_bias", "tie_weights"])
-def test_switches_do_not_change_the_other_initial_weights(switch):
+def test_switches_do_not_change_the_other_initial_weights(switch, init):
     torch.manual_seed(0)
-    off = dict(GPT(tiny(**{switch: False})).named_parameters())
+    off = dict(GPT(tiny(init=init, **{switch: False})).named_parameters())
     torch.manual_seed(0)
-    on = dict(GPT(tiny(**{switch: True})).named_parameters())
+    on = dict(GPT(tiny(init=init, **{switch: True})).named_parameters())
     shared = (set(off) & set(on)) - {"lm_head.weight"}
     assert len(shared) > 10
     for name in shared:
         assert torch.equal(off[name], on[name]), name
+
+
+@pytest.mark.parametrize("init", ["torch", "gpt2"])
+def test_pad_vocab_adds_zero_rows_and_changes_no_other_weight(init):
+    torch.manual_seed(0)
+    plain = dict(GPT(tiny(init=init, vocab_size=50)).named_parameters())
+    torch.manual_seed(0)
+    padded = dict(GPT(tiny(init=init, vocab_size=50, pad_vocab=True)).named_parameters())
+    for name, p in plain.items():
+        q = padded[name]
+        if name in ("transformer.wte.weight", "lm_head.weight"):
+            assert q.shape[0] == 64 and not q[50:].any(), name
+            q = q[:50]
+        assert torch.equal(p, q), name
+
+
+def state_hash(model):
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("switches, digest", [
+    (dict(), "97dfad7f1bab9fdd"),
+    (dict(qkv_bias=True), "d9224201903a3d9a"),
+    (dict(tie_weights=True, pad_vocab=True), "c281d38a128a2f6e")])
+def test_gpt2_init_is_unchanged(switches, digest):
+    # the digests of the weights the GPT-2 init drew before init=torch existed (commit 3a5a108)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=50, init="gpt2", **switches))
+    assert state_hash(model) == digest
+
+
+def test_torch_init_is_pytorchs_module_defaults():
+    # the book's GPTModel keeps PyTorch's defaults: Embedding N(0, 1); Linear weight and bias
+    # U(-1/sqrt(fan_in), 1/sqrt(fan_in)); LayerNorm scale 1, shift 0
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=256, block_size=256, vocab_size=4000, qkv_bias=True))
+    assert model.config.init == "torch"  # the default
+    for name, p in model.named_parameters():
+        p = p.detach().double()
+        if name.endswith(("wte.weight", "wpe.weight")):
+            assert abs(p.mean()) < 0.01 and p.std() == pytest.approx(1.0, abs=0.01), name
+        elif ".ln_" in name or name.startswith("transformer.ln_f"):
+            assert torch.equal(p, torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p)), name
+        else:  # every Linear weight and bias, the QKV bias and the head included
+            fan_in = 1024 if "mlp.c_proj" in name else 256
+            bound = 1 / math.sqrt(fan_in)
+            assert p.abs().max() <= bound and p.abs().max() > 0.95 * bound, name
+            assert p.std() == pytest.approx(bound / math.sqrt(3), rel=0.1 if p.dim() == 1 else 0.02), name
+
+
+def test_torch_init_tied_head_is_the_embeddings_n01():
+    # the story's weight-tying run: the head starts as wte's N(0, 1) rows, so initial logits have a
+    # standard deviation of about sqrt(n_embd) (28 at 768; more where a row meets its own input
+    # embedding) and the initial loss is hundreds of nats, against 1/sqrt(3) and about ln V untied
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 1000, (2, 64), generator=g), torch.randint(0, 1000, (2, 64), generator=g)
+    losses = {}
+    for tie, std, rel in ((True, math.sqrt(768), 0.25), (False, 1 / math.sqrt(3), 0.05)):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=1, n_head=12, n_embd=768, block_size=64, vocab_size=1000, dropout=0.0,
+                              tie_weights=tie))
+        logits, losses[tie] = model(x, y)
+        assert torch.equal(model.lm_head.weight, model.transformer.wte.weight) == tie
+        assert logits.std().item() == pytest.approx(std, rel=rel)
+    assert losses[True].item() > 50
+    assert losses[False].item() == pytest.approx(math.log(1000) + 1 / 6, abs=0.1)  # ln V + var / 2
 
 
 def test_causality_later_tokens_do_not_change_earlier_logits():
@@ -70,9 +142,9 @@ def test_causality_later_tokens_do_not_change_earlier_logits():
     assert not torch.allclose(a[:, 5:], b[:, 5:])
 
 
-def test_initial_loss_is_about_ln_vocab():
+def test_initial_loss_is_about_ln_vocab_with_the_gpt2_init():
     torch.manual_seed(0)
-    model = GPT(tiny(vocab_size=1000, n_embd=32))
+    model = GPT(tiny(vocab_size=1000, n_embd=32, init="gpt2"))
     idx = torch.randint(0, 1000, (4, 8))
     _, loss = model(idx, idx)
     assert abs(loss.item() - math.log(1000)) < 0.05
