@@ -1,11 +1,12 @@
 """Held-out loss: the exact token-weighted mean over fixed, non-overlapping windows of a split.
 
-    python eval.py MODEL [--dataset=fineweb] [--split=test] [--eval_tokens=N] [--json] ...
-    python eval.py MODEL --export_hf=DIR
+    python eval.py MODEL [--dataset=story] [--split=test] [--eval_tokens=N] [--json] ...
+    python eval.py MODEL --export_hf=DIR      (or --export_book=DIR)
     torchrun --standalone --nproc_per_node=8 eval.py MODEL
 
-MODEL is a checkpoint, a run directory, a Hugging Face GPT-2 directory or hub id (gpt_interventions/formats.py), so our
-runs and the original GPT-2 weights are scored by the same code on the same tokens.
+MODEL is a checkpoint, a run directory, a Hugging Face GPT-2 directory or hub id, or a model in the
+book's format (gpt_interventions/formats.py), so our runs, the original GPT-2 weights and the
+story's own models are scored by the same code on the same tokens.
 `evaluation.evaluate` is the one function that scores a model; train.py's validation calls it too.
 """
 
@@ -20,17 +21,17 @@ from gpt_interventions.cli import field, parse_config
 from gpt_interventions.device import print0, set_tf32, setup_dist, teardown_dist
 from gpt_interventions.errors import UsageError, run_main
 from gpt_interventions.evaluation import evaluate
-from gpt_interventions.formats import check_new_dir, export_hf, load_model
+from gpt_interventions.formats import check_new_dir, export_book, export_hf, load_model
 from gpt_interventions.loader import eval_windows
 from gpt_interventions.provenance import git_commit
 from gpt_interventions.shards import find_shards
 
-USAGE = "MODEL [--key=value ...]   (MODEL: ckpt.pt, run directory, Hugging Face directory or hub id)"
+USAGE = "MODEL [--key=value ...]   (MODEL: ckpt.pt, run directory, Hugging Face or book directory, or hub id)"
 
 
 @dataclass
 class EvalConfig:
-    dataset: str = field("fineweb", "dataset directory under data_dir (made by prepare_data.py)")
+    dataset: str = field("story", "dataset directory under data_dir (made by prepare_data.py)")
     data_dir: str = field("data", "root of the prepared datasets")
     split: str = field("test", "which split to score", choices=("train", "val", "test"))
     eval_tokens: int = field(0, "token budget: the first eval_tokens // block_size windows; 0: the whole split")
@@ -41,6 +42,8 @@ class EvalConfig:
     json: bool = field(False, "print the result as one JSON object instead of a line")
     ledger: str = field("results.jsonl", "results ledger that gets one row per evaluation; empty: none")
     export_hf: str = field("", "write MODEL to this new directory in the Hugging Face GPT-2 format, then exit")
+    export_book: str = field("", "write MODEL to this new directory in the book's format (model.json, "
+                             "model.safetensors), which the book's and the story's code load, then exit")
 
 
 def main(argv):
@@ -50,11 +53,18 @@ def main(argv):
     if ec.eval_tokens < 0 or ec.batch_size <= 0:
         raise UsageError("--eval_tokens must be >= 0 and --batch_size positive")
     spec = positionals[0]
-    if ec.export_hf:
-        check_new_dir(ec.export_hf)  # before loading: a refusal costs nothing
+    if ec.export_hf and ec.export_book:
+        raise UsageError("--export_hf and --export_book: one export per call")
+    if ec.export_hf or ec.export_book:
+        out = ec.export_hf or ec.export_book
+        check_new_dir(out)  # before loading: a refusal costs nothing
         model, _ = load_model(spec)
-        export_hf(model, ec.export_hf)
-        print(f"wrote {ec.export_hf}: transformers.GPT2LMHeadModel.from_pretrained({ec.export_hf!r}) loads it")
+        if ec.export_hf:
+            export_hf(model, out)
+            print(f"wrote {out}: transformers.GPT2LMHeadModel.from_pretrained({out!r}) loads it")
+        else:
+            export_book(model, out)
+            print(f"wrote {out}: the book's GPTModel(json.load(model.json)) loads model.safetensors")
         return
     d = setup_dist(ec.device)
     shards = find_shards(ec.data_dir, ec.dataset, ec.split)  # before a model download: fail fast

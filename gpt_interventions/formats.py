@@ -1,12 +1,14 @@
-"""Load any model we score, the one way eval.py and sample.py share; export ours to Hugging Face.
+"""Load any model we score, the one way eval.py and sample.py share; export ours to other formats.
 
 A MODEL argument is one of
   - a checkpoint file written by train.py (out/RUN/ckpt.pt, or a ckpt_STEP.pt snapshot),
   - a run directory (its ckpt.pt, the latest checkpoint),
   - a directory in the Hugging Face GPT-2 format (config.json and model.safetensors),
-  - a Hugging Face hub id of a GPT-2 model (gpt2, openai-community/gpt2, gpt2-medium, ...).
-GPT-2 maps onto our GPT with qkv_bias=True and tie_weights=True, by parameter name; Hugging Face
-stores the four projections as Conv1D, whose weights are (in, out), transposed from nn.Linear.
+  - a directory in the book's format (model.json and model.safetensors, as the story's code saved
+    its models), or one of the story's Hugging Face uploads (config.json of type gpjtgpt2),
+  - a Hugging Face hub id of a GPT-2 model (gpt2, openai-community/gpt2, ...) or of the story's.
+The names and shapes of each format live in format_hf.py and format_book.py; this module reads
+and writes the files and builds the model.
 """
 
 import dataclasses
@@ -18,16 +20,12 @@ from contextlib import contextmanager
 
 import torch
 
+from gpt_interventions import format_book, format_hf
 from gpt_interventions.atomic import atomic_write, write_json
 from gpt_interventions.checkpoint import load_checkpoint
 from gpt_interventions.errors import UsageError
-from gpt_interventions.tokenizer import EOT
 from model import GPT, GPTConfig
 
-HF_FILES = ("config.json", "model.safetensors")
-CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
-# causal-mask buffers that older GPT-2 files (the original OpenAI upload) carry; not weights
-HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -35,11 +33,11 @@ def load_model(spec, device="cpu"):
     """(model in eval mode on `device`, info) for a MODEL argument; UsageError for bad input.
 
     info is plain data for results: model (what to call it), source, checkpoint or hub_id, and
-    the config (ours: model and train config of the run; GPT-2: the model config).
+    the config (ours: model and train config of the run; others: the model config).
     """
     if os.path.isfile(spec):
-        if os.path.basename(spec) in HF_FILES:
-            raise UsageError(f"{spec} is one file of a Hugging Face model; pass its directory")
+        if os.path.basename(spec) in format_hf.FILES + format_book.FILES:
+            raise UsageError(f"{spec} is one file of a model directory; pass the directory")
         model, info = _from_checkpoint(spec)
     elif os.path.isdir(spec):
         if os.path.isfile(os.path.join(spec, "ckpt.pt")):
@@ -47,11 +45,14 @@ def load_model(spec, device="cpu"):
         elif os.path.isfile(os.path.join(spec, "metrics.jsonl")):  # train.py writes it first
             raise UsageError(f"run directory {spec} has no ckpt.pt yet")
         elif os.path.isfile(os.path.join(spec, "config.json")):
-            model, info = _from_hf(*(os.path.join(spec, name) for name in HF_FILES), label=spec)
+            model, info = _from_hub_layout(*(os.path.join(spec, name) for name in format_hf.FILES), label=spec)
+        elif os.path.isfile(os.path.join(spec, "model.json")):
+            model, info = _from_book(*(os.path.join(spec, name) for name in format_book.FILES), label=spec)
         else:
-            raise UsageError(f"{spec} holds neither ckpt.pt (a run) nor config.json (a Hugging Face model)")
+            raise UsageError(f"{spec} holds neither ckpt.pt (a run), config.json (a Hugging Face model) "
+                             "nor model.json (the book's format)")
     elif _looks_like_hub_id(spec):
-        model, info = _from_hf(*_download(spec), label=spec)
+        model, info = _from_hub_layout(*_download(spec), label=spec)
         info["hub_id"] = spec
     else:
         raise UsageError(f"{spec} not found")
@@ -91,7 +92,61 @@ def _from_checkpoint(path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Hugging Face GPT-2 format
+# files
+
+
+def _read_json(path, holds):
+    if not os.path.isfile(path):
+        raise UsageError(f"{path} not found; {holds}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"{path} is not readable JSON ({str(e)[:120]})") from None
+
+
+def _read_tensors(path, holds):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise UsageError(f"{path} not found; {holds}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"{path} is not a readable safetensors file ({str(e)[:120]})") from None
+
+
+def _write(out_dir, config_name, config, tensors, metadata):
+    from safetensors.torch import save
+    os.makedirs(out_dir, exist_ok=True)
+    data = save(tensors, metadata=metadata)
+    atomic_write(os.path.join(out_dir, "model.safetensors"), lambda f: f.write(data))
+    write_json(os.path.join(out_dir, config_name), config)
+
+
+def check_new_dir(path):
+    """Exports never overwrite: the directory must not exist yet or be empty."""
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise UsageError(f"{path} exists and is not an empty directory; choose another")
+
+
+# ----------------------------------------------------------------------------------------------
+# the Hugging Face layout: GPT-2, or the story's upload of the book's model
+
+
+def _from_hub_layout(config_path, weights_path, label):
+    holds = f"a Hugging Face model directory holds {' and '.join(format_hf.FILES)}"
+    cfg = _read_json(config_path, holds)
+    if isinstance(cfg, dict) and cfg.get("model_type") == format_book.STORY_HF_TYPE:
+        config = format_book.config_from_book(cfg.get("cfg"), f"{config_path} (its cfg)")
+        state = format_book.state_from_book(_read_tensors(weights_path, holds), config, weights_path, prefix="model.")
+        source = "story-huggingface"
+    else:
+        config = format_hf.config_from_hf(cfg, config_path)
+        state = format_hf.state_from_hf(_read_tensors(weights_path, holds), config)
+        source = "huggingface"
+    model = _build(config, state, weights_path)
+    return model, {"model": label, "source": source, "config": {"model": dataclasses.asdict(config)}}
 
 
 def _download(repo_id):
@@ -104,11 +159,12 @@ def _download(repo_id):
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
     )
-    hint = (f"on a machine with network run `hf download {repo_id} {' '.join(HF_FILES)} --local-dir DIR` "
+    files = format_hf.FILES
+    hint = (f"on a machine with network run `hf download {repo_id} {' '.join(files)} --local-dir DIR` "
             "and pass DIR as MODEL")
     try:
         with _quiet("huggingface_hub"):  # its retry warnings would bury the one-line error
-            return [hf_hub_download(repo_id, name) for name in HF_FILES]
+            return [hf_hub_download(repo_id, name) for name in files]
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else "no network"
         raise UsageError(f"cannot fetch {repo_id} from the Hugging Face hub ({why}) and it is not "
@@ -116,7 +172,7 @@ def _download(repo_id):
     except RepositoryNotFoundError:
         raise UsageError(f"{repo_id} is neither a local path nor a model on the Hugging Face hub") from None
     except EntryNotFoundError:
-        raise UsageError(f"{repo_id} on the Hugging Face hub lacks {' or '.join(HF_FILES)}; "
+        raise UsageError(f"{repo_id} on the Hugging Face hub lacks {' or '.join(files)}; "
                          "only GPT-2 models in safetensors format load") from None
     except HFValidationError:
         raise UsageError(f"{repo_id} not found") from None
@@ -136,93 +192,28 @@ def _quiet(logger_name):
         logger.setLevel(level)
 
 
-def config_from_hf(cfg, where):
-    """Our GPTConfig for a Hugging Face GPT-2 config.json; UsageError if it is another model."""
-    if cfg.get("model_type") != "gpt2":
-        raise UsageError(f"{where} is a {cfg.get('model_type')!r} model; only GPT-2 maps onto ours")
-    try:
-        n_embd = cfg["n_embd"]
-        config = GPTConfig(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=n_embd,
-                           block_size=cfg["n_positions"], vocab_size=cfg["vocab_size"], dropout=0.0,
-                           qkv_bias=True, tie_weights=cfg.get("tie_word_embeddings", True))
-    except KeyError as e:
-        raise UsageError(f"{where} lacks {e.args[0]}") from None
-    # variants our GPT does not compute: refuse them rather than score a different function
-    differs = {"activation_function": cfg.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
-               "layer_norm_epsilon": cfg.get("layer_norm_epsilon", 1e-5) != 1e-5,
-               "n_inner": cfg.get("n_inner") not in (None, 4 * n_embd),
-               "scale_attn_weights": not cfg.get("scale_attn_weights", True),
-               "scale_attn_by_inverse_layer_idx": cfg.get("scale_attn_by_inverse_layer_idx", False)}
-    if any(differs.values()):
-        raise UsageError(f"{where}: our GPT does not implement this GPT-2 variant "
-                         f"({', '.join(k for k, v in differs.items() if v)})")
-    return config
-
-
-def _from_hf(config_path, weights_path, label):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    for path in (config_path, weights_path):
-        if not os.path.isfile(path):
-            raise UsageError(f"{path} not found; a Hugging Face GPT-2 directory holds {' and '.join(HF_FILES)}")
-    try:
-        with open(config_path) as f:
-            cfg = json.load(f)
-    except (ValueError, OSError) as e:
-        raise UsageError(f"{config_path} is not readable JSON ({str(e)[:120]})") from None
-    config = config_from_hf(cfg, config_path)
-    try:
-        tensors = load_file(weights_path)
-    except (SafetensorError, OSError) as e:
-        raise UsageError(f"{weights_path} is not a readable safetensors file ({str(e)[:120]})") from None
-    state = {}
-    for name, tensor in tensors.items():
-        name = name.removeprefix("transformer.")  # save_pretrained writes it; the OpenAI upload does not
-        if name.endswith(HF_BUFFERS):
-            continue
-        if name != "lm_head.weight":
-            name = "transformer." + name
-        state[name] = (tensor.t() if name.endswith(CONV1D) else tensor).float().contiguous()
-    if config.tie_weights and "transformer.wte.weight" in state:  # a tied file stores the head once, as wte
-        state["lm_head.weight"] = state["transformer.wte.weight"]
-    model = _build(config, state, weights_path)
-    return model, {"model": label, "source": "huggingface", "config": {"model": dataclasses.asdict(config)}}
-
-
 def export_hf(model, out_dir):
-    """Write `model` as a Hugging Face GPT-2 directory that GPT2LMHeadModel.from_pretrained loads.
-
-    GPT-2 always has a QKV bias: without one, ours is written as zeros, which computes the same.
-    """
-    from safetensors.torch import save
+    """Write `model` as a Hugging Face GPT-2 directory that GPT2LMHeadModel.from_pretrained loads."""
     check_new_dir(out_dir)
-    c = model.config
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and c.tie_weights:
-            continue  # stored once, as wte; tie_word_embeddings says to share it
-        tensor = tensor.t() if name.endswith(CONV1D) else tensor
-        if name in ("transformer.wte.weight", "lm_head.weight"):
-            tensor = tensor[: c.vocab_size]  # pad_vocab's unused rows are not part of the model
-        state[name] = tensor.detach().float().cpu().contiguous()
-    if not c.qkv_bias:
-        for i in range(c.n_layer):
-            state[f"transformer.h.{i}.attn.c_attn.bias"] = torch.zeros(3 * c.n_embd)
-    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-              "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "n_positions": c.block_size,
-              "vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_weights,
-              "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "n_inner": None,
-              "attn_pdrop": c.dropout, "embd_pdrop": c.dropout, "resid_pdrop": c.dropout,
-              "torch_dtype": "float32"}
-    if c.vocab_size > EOT:  # GPT-2 BPE: <|endoftext|> begins and ends documents
-        config.update(bos_token_id=EOT, eos_token_id=EOT)
-    os.makedirs(out_dir, exist_ok=True)
-    data = save(state, metadata={"format": "pt"})
-    atomic_write(os.path.join(out_dir, "model.safetensors"), lambda f: f.write(data))
-    write_json(os.path.join(out_dir, "config.json"), config)
+    config, tensors = format_hf.to_hf(model)
+    _write(out_dir, "config.json", config, tensors, {"format": "pt"})
 
 
-def check_new_dir(path):
-    """Exports never overwrite: the directory must not exist yet or be empty."""
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-        raise UsageError(f"{path} exists and is not an empty directory; choose another")
+# ----------------------------------------------------------------------------------------------
+# the book's format
+
+
+def _from_book(config_path, weights_path, label):
+    holds = f"a directory in the book's format holds {' and '.join(format_book.FILES)}"
+    config = format_book.config_from_book(_read_json(config_path, holds), config_path)
+    state = format_book.state_from_book(_read_tensors(weights_path, holds), config, weights_path)
+    model = _build(config, state, weights_path)
+    return model, {"model": label, "source": "book", "config": {"model": dataclasses.asdict(config)}}
+
+
+def export_book(model, out_dir):
+    """Write `model` in the book's format (model.json, model.safetensors), which the book's and the
+    story's code load into their GPTModel."""
+    check_new_dir(out_dir)
+    config, tensors, metadata = format_book.to_book(model)
+    _write(out_dir, "model.json", config, tensors, metadata)

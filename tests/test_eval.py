@@ -117,7 +117,7 @@ def foreign(data_dir, tmp_path_factory):
 BAD = [
     (["{tmp}/missing.pt"], "{tmp}/missing.pt not found"),
     (["{foreign}/other.pt"], "is not a checkpoint written by train.py"),
-    (["{foreign}/empty"], "holds neither ckpt.pt (a run) nor config.json"),
+    (["{foreign}/empty"], "holds neither ckpt.pt (a run), config.json (a Hugging Face model) nor model.json"),
     (["{run}", "--dataset=nothere"], "no test shards in"),
     (["{run}", "--dataset=wide"], "outside the model's vocab_size 256"),
     (["{run}", "--split=dev"], "split must be one of train, val, test"),
