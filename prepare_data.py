@@ -3,6 +3,7 @@
     python prepare_data.py --dataset=sample                          # the embedded C4 sample
     python prepare_data.py --dataset=fineweb --max_tokens=3.26e9     # FineWeb sample-10BT (hub)
     python prepare_data.py --dataset=mine --input='corpus/*.jsonl.gz'
+    python prepare_data.py --dataset=story [--input=DIR]           # the story's own tokens (hub)
 
 Stage 1 tokenizes each source file (read by gpt_interventions/sources.py), in order, with a process pool into a
 cache file of its documents' tokens and split keys (data/NAME/.cache/); a finished file's cache is reused, so an
@@ -34,15 +35,16 @@ from gpt_interventions import ROOT
 from gpt_interventions.atomic import atomic_write, write_json
 from gpt_interventions.cli import field, parse_config
 from gpt_interventions.errors import UsageError, run_main
-from gpt_interventions.shards import HEADER_BYTES, MAGIC, VERSION, sha256_file, write_shard
-from gpt_interventions.sources import hub_download, hub_listing, local_files, read_documents
+from gpt_interventions import story_data
+from gpt_interventions.shards import HEADER_BYTES, MAGIC, VERSION, ShardWriter, sha256_file
+from gpt_interventions.sources import hub_call, hub_download, hub_listing, hub_revision, local_files, read_documents
 from gpt_interventions.tokenizer import EOT, get_tokenizer
 
 USAGE = "--dataset=NAME [--input=PATH_OR_GLOB] [--key=value ...]"
 SAMPLE = os.path.join(ROOT, "assets", "corpus", "c4-sample-1000.jsonl.gz")
 # hub datasets: (repository, folder of the subset's parquet files)
 HUB = {"fineweb": "HuggingFaceFW/fineweb", "fineweb-edu": "HuggingFaceFW/fineweb-edu"}
-KNOWN = ["sample", *HUB]
+KNOWN = ["sample", *HUB, "story"]
 HUB_BUDGETS = {"val_tokens": 10 * 2**20, "test_tokens": 20 * 2**20}  # fixed, about 1.5% of a file
 HOLDOUT = {"hub": 0.05, "local": 0.1}
 
@@ -50,15 +52,18 @@ HOLDOUT = {"hub": 0.05, "local": 0.1}
 @dataclass
 class PrepConfig:
     dataset: str = field("", f"name of data/NAME; without --input one of {', '.join(KNOWN)}")
-    input: str = field("", "local .parquet, .jsonl, .jsonl.gz or .txt files (path or glob)")
+    input: str = field("", "local .parquet, .jsonl, .jsonl.gz or .txt files (path or glob); story: the "
+                       "directory of its train.safetensors and validation.safetensors")
     text_field: str = field("text", "the text column of parquet and jsonl inputs")
     id_field: str = field("id", "document identity column; documents without it are keyed by text")
     subset: str = field("sample/10BT", "folder of the hub dataset's parquet files")
     revision: str = field("main", "hub revision; the resolved commit is recorded and reused")
     data_dir: str = field("data", "root of the prepared datasets")
     max_tokens: int = field(0, "cap on the training split in tokens; 0: the whole corpus")
-    val_tokens: int = field(0, "val split budget; 0: 10Mi tokens (hub) or half the held-out docs (local)")
-    test_tokens: int = field(0, "test split budget; 0: 20Mi tokens (hub) or half the held-out docs (local)")
+    val_tokens: int = field(0, "val split budget; 0: 10Mi tokens (hub, story) or half the held-out docs (local)")
+    test_tokens: int = field(0, "test split budget; 0: 20Mi tokens (hub), 19,660,801 (story) or half the "
+                             "held-out docs (local)")
+    test_offset: int = field(0, "story: where its test split starts in the validation tokens; 0: 50,000,000")
     holdout_frac: float = field(0.0, "fraction of documents held out of training; 0: 0.05 (hub), 0.1 (local)")
     shard_tokens: int = field(100_000_000, "tokens per shard file")
     num_proc: int = field(0, "tokenizer processes; 0: all cores")
@@ -143,34 +148,6 @@ def tokenize_file(path, ident, cfg, cache_dir, pool, holdout):
 # stage 2: caches -> shards
 
 
-class ShardWriter:
-    """Appends tokens and writes `{split}_NNNNNN.bin` files of exactly shard_tokens (the last shorter)."""
-
-    def __init__(self, out_dir, split, shard_tokens):
-        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
-        self.buf, self.buffered, self.shards, self.tokens, self.docs = [], 0, [], 0, 0
-
-    def add(self, tokens, docs=0):
-        self.buf.append(tokens)
-        self.buffered += tokens.size
-        self.tokens += tokens.size
-        self.docs += docs
-        while self.buffered >= self.shard_tokens:
-            self._flush(self.shard_tokens)
-
-    def _flush(self, n):
-        data = np.concatenate(self.buf)
-        self.buf, self.buffered = [data[n:]], data.size - n
-        name = f"{self.split}_{len(self.shards):06d}.bin"
-        write_shard(os.path.join(self.out_dir, name), data[:n])
-        self.shards.append({"file": name, "tokens": int(n), "sha256": sha256_file(os.path.join(self.out_dir, name))})
-
-    def close(self):
-        if self.buffered or not self.shards:
-            self._flush(self.buffered)
-        return {"documents": self.docs, "tokens": self.tokens, "shards": self.shards}
-
-
 def held_out_splits(pool, budgets, holdout):
     """{split: [(file index, start, length)]} from the pool's (key, file index, start, length).
 
@@ -246,13 +223,20 @@ def check_config(cfg):
     if not cfg.input and cfg.dataset not in KNOWN:
         raise UsageError(f"unknown dataset {cfg.dataset!r}: known are {', '.join(KNOWN)}; "
                          "for a local corpus add --input=PATH_OR_GLOB")
-    for name in ("max_tokens", "val_tokens", "test_tokens", "num_proc"):
+    for name in ("max_tokens", "val_tokens", "test_tokens", "test_offset", "num_proc"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name} must be 0 or positive, got {getattr(cfg, name)}")
     if cfg.shard_tokens <= 0:
         raise UsageError(f"--shard_tokens must be positive, got {cfg.shard_tokens}")
     if not 0 <= cfg.holdout_frac < 1:
         raise UsageError(f"--holdout_frac must be in [0, 1), got {cfg.holdout_frac}")
+    if cfg.dataset == "story":
+        if cfg.input and not os.path.isdir(cfg.input):
+            raise UsageError(f"--input={cfg.input} is not a directory; for --dataset=story give the directory "
+                             f"of {' and '.join(story_data.FILES.values())}")
+        return
+    if cfg.test_offset:
+        raise UsageError("--test_offset is for --dataset=story only")
     hub = not cfg.input and cfg.dataset in HUB
     if not hub and (cfg.val_tokens == 0) != (cfg.test_tokens == 0):
         raise UsageError("for a local corpus set both --val_tokens and --test_tokens, or neither")
@@ -280,16 +264,20 @@ def main(argv):
                        if old.get("settings", {}).get(k) != v]
             raise UsageError(f"{out_dir} was prepared with other settings ({'; '.join(changed)}); "
                              "use another --dataset name, or --overwrite to replace it")
+    meta = (prepare_story if cfg.dataset == "story" else prepare_corpus)(cfg, out_dir, old)
+    splits = meta["splits"]
+    print(f"prepared {out_dir}: " + ", ".join(
+        f"{s} {v['documents']:,} docs {v['tokens']:,} tokens in {len(v['shards'])} shard(s)" for s, v in splits.items()))
 
+
+def prepare_corpus(cfg, out_dir, old):
+    """Tokenize a text corpus (the sample, a hub dataset or local files) into split shards."""
     hub = not cfg.input and cfg.dataset in HUB
     holdout_frac = cfg.holdout_frac or HOLDOUT["hub" if hub else "local"]
     holdout = np.uint64(int(holdout_frac * 2**64))
     if hub:
         repo = HUB[cfg.dataset]
-        revision = cfg.revision
-        if revision == "main" and old and old.get("source", {}).get("revision_sha"):
-            revision = old["source"]["revision_sha"]  # pinned at first preparation
-        sha, names = hub_listing(repo, cfg.subset, revision)
+        sha, names = hub_listing(repo, cfg.subset, pinned(cfg, old))
         source = {"kind": "hub", "repo": repo, "subset": cfg.subset, "revision": cfg.revision, "revision_sha": sha}
         budgets = {k.split("_")[0]: getattr(cfg, k) or HUB_BUDGETS[k] for k in HUB_BUDGETS}
         fetch = lambda name: hub_download(repo, name, sha)
@@ -336,11 +324,59 @@ def main(argv):
                          f"fewer than val_tokens + test_tokens = {budgets['val'] + budgets['test']:,}; lower "
                          "them, raise --holdout_frac, or add documents")
 
+    staging = new_staging(out_dir)
+    splits = assemble(keyed[:len(summaries)], cache_dir, staging, cfg, holdout, budgets, pool_files)
+    import tiktoken
+    meta = install(out_dir, staging, cfg, source, splits, {
+        "files": summaries, "pool_files": pool_files,
+        "tokenizer": {"name": "gpt2", "library": f"tiktoken {tiktoken.__version__}", "eot": EOT,
+                      "document_prefix": "eot", "method": "encode_ordinary"},
+        "split_rule": {"key": "sha256('id:'+id or 'text:'+text)[:8] / 2**64", "holdout_frac": holdout_frac,
+                       "test_then_val_in_key_order": True}})
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    return meta
+
+
+def prepare_story(cfg, out_dir, old):
+    """Import the story's token dataset (gpt_interventions/story_data.py), from a local copy of its
+    two files (--input=DIR) or the hub, checked before anything is written."""
+    repo = story_data.REPO
+    if cfg.input:
+        paths = {split: os.path.join(cfg.input, name) for split, name in story_data.FILES.items()}
+        source = {"kind": "local", "input": cfg.input}
+    else:
+        hint = f"download {' and '.join(story_data.FILES.values())} of {repo} and use --input=DIR"
+        sha = hub_revision(repo, pinned(cfg, old), hint)
+        paths = {split: hub_call(repo, f"download {name} of", lambda name=name: hub_download(repo, name, sha), hint)
+                 for split, name in story_data.FILES.items()}
+        source = {"kind": "hub", "repo": repo, "revision": cfg.revision, "revision_sha": sha}
+    files = {split: story_data.TokenFile(path) for split, path in paths.items()}
+    story_data.check(files, cfg)
+    staging = new_staging(out_dir)
+    splits = story_data.write_splits(files, cfg, staging)
+    return install(out_dir, staging, cfg, source, splits, {
+        "files": [{"file": os.path.basename(f.path), "tokens": f.size} for f in files.values()],
+        "tokenizer": {"name": "gpt2", "eot": EOT, "document_suffix": "eot", "by": repo},
+        "split_rule": story_data.split_rule(cfg)})
+
+
+def pinned(cfg, old):
+    """The hub revision to read: the commit resolved at the first preparation, unless one is asked for."""
+    if cfg.revision == "main" and old and old.get("source", {}).get("revision_sha"):
+        return old["source"]["revision_sha"]
+    return cfg.revision
+
+
+def new_staging(out_dir):
     staging = os.path.join(out_dir, ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
-    splits = assemble(keyed[:len(summaries)], cache_dir, staging, cfg, holdout, budgets, pool_files)
-    # swap the staged shards in; meta.json is written last and marks a complete dataset
+    return staging
+
+
+def install(out_dir, staging, cfg, source, splits, details):
+    """Swap the staged shards in for any old ones; meta.json is written last and marks a complete dataset."""
+    meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):
         os.remove(meta_path)
     for old_shard in glob.glob(os.path.join(out_dir, "*_[0-9]*.bin")):
@@ -348,21 +384,10 @@ def main(argv):
     for name in sorted(os.listdir(staging)):
         os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
     os.rmdir(staging)
-    import tiktoken
-    meta = {
-        "format": {"magic": MAGIC, "version": VERSION, "header_bytes": HEADER_BYTES, "dtype": "uint16"},
-        "source": source, "settings": settings(cfg),
-        "files": summaries, "pool_files": pool_files,
-        "tokenizer": {"name": "gpt2", "library": f"tiktoken {tiktoken.__version__}", "eot": EOT,
-                      "document_prefix": "eot", "method": "encode_ordinary"},
-        "split_rule": {"key": "sha256('id:'+id or 'text:'+text)[:8] / 2**64", "holdout_frac": holdout_frac,
-                       "test_then_val_in_key_order": True},
-        "splits": splits,
-    }
+    meta = {"format": {"magic": MAGIC, "version": VERSION, "header_bytes": HEADER_BYTES, "dtype": "uint16"},
+            "source": source, "settings": settings(cfg), **details, "splits": splits}
     write_json(meta_path, meta)
-    shutil.rmtree(cache_dir, ignore_errors=True)
-    print(f"prepared {out_dir}: " + ", ".join(
-        f"{s} {v['documents']:,} docs {v['tokens']:,} tokens in {len(v['shards'])} shard(s)" for s, v in splits.items()))
+    return meta
 
 
 if __name__ == "__main__":

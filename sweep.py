@@ -12,7 +12,6 @@ one factor: --factor 'learning_rate=0.0004,0.0014 lr_schedule=constant,cosine'.
 import math
 import os
 import shlex
-import sys
 from dataclasses import asdict, dataclass
 
 from gpt_interventions import design
@@ -115,7 +114,7 @@ def toml_value(v):
     return repr(v) if isinstance(v, (int, float)) else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def plan(factors, sc):
+def plan(factors, sc, argv):
     rows, gens = plan_rows(factors, sc)
     base = load_preset(sc.preset) if sc.preset else {}
     base_args = [sc.preset] if sc.preset else []
@@ -123,7 +122,7 @@ def plan(factors, sc):
     os.makedirs(sc.out, exist_ok=True)
     launch = f"torchrun --standalone --nproc_per_node={sc.torchrun} " if sc.torchrun else "python "
     script = ["#!/usr/bin/env bash", f"# {len(rows) * sc.seeds} runs, written by: python sweep.py "
-              + " ".join(map(shlex.quote, sys.argv[1:])),
+              + " ".join(map(shlex.quote, argv)),
               "# Run from the repository root. A run with a test result already is skipped, so the",
               "# script can be run again after a failure.", "set -euo pipefail"]
     names = []
@@ -244,7 +243,7 @@ def main(argv):
             raise UsageError("plan takes --factor FIELD=A,B (at least one) and no other arguments")
         if sc.seeds < 1 or sc.torchrun < 0:
             raise UsageError("--seeds must be >= 1 and --torchrun >= 0")
-        return plan(factors, sc)
+        return plan(factors, sc, argv)
     if len(positionals) < 2:
         raise UsageError("analyze takes run directories or globs, e.g. 'out/sweep-*'")
     return analyze(positionals[1:], factors, sc)

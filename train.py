@@ -40,6 +40,8 @@ USAGE = "[config/PRESET.toml ...] [--key=value ...]"
 
 def main(argv):
     mc, tc, ckpt = resolve_config(argv)
+    if tc.dry_run:
+        return dry_run(mc, tc)
     d = setup_dist(tc.device)
     with StopSignals() as stop:
         train(mc, tc, ckpt, d, stop)
@@ -66,11 +68,30 @@ def resolve_config(argv):
         if changed:
             raise UsageError(f"cannot resume {out_dir} with a changed config ({'; '.join(changed)}); "
                              "start a new run with another --out_dir")
-    elif os.path.exists(os.path.join(out_dir, "ckpt.pt")) or os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+    elif not tc.dry_run and (os.path.exists(os.path.join(out_dir, "ckpt.pt")) or
+                             os.path.exists(os.path.join(out_dir, "metrics.jsonl"))):
         raise UsageError(f"{out_dir} already holds a run; continue it with --resume, or choose "
                          "another --out_dir or --run_name")
     tc = dataclasses.replace(tc, run_name=run_name, out_dir=out_dir)
     return mc, tc, ckpt
+
+
+def dry_run(mc, tc):
+    """What a run will do and cost, before paying for it: the resolved config and the derived plan
+    as one JSON object (config.json's model, train and derived). Reads no data, writes nothing."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))  # WORLD_SIZE=8 python train.py ... --dry_run
+    plan = make_plan(mc, tc, world_size)
+    with torch.device("meta"):  # the parameter count without allocating the weights
+        model = GPT(mc)
+    print(json.dumps({"model": asdict(mc), "train": asdict(tc), "derived": derived(tc, plan, world_size, model)},
+                     indent=2))
+
+
+def derived(tc, plan, world_size, model):
+    """The plan in numbers, as config.json records it and --dry_run prints it."""
+    flops = model.flops_per_token()
+    return {"ranks": world_size, "micro_batch": tc.batch_size, **asdict(plan), "num_params": model.num_params(),
+            "flops_per_token": flops, "run_flops": flops * plan.tokens_per_step * plan.max_steps}
 
 
 class StopSignals:
@@ -183,7 +204,7 @@ def record_start(t, start, resumed):
     num_params = t.model.num_params()
     if t.d.master:
         write_json(os.path.join(t.tc.out_dir, "config.json"), {
-            "model": asdict(t.mc), "train": asdict(t.tc), "derived": {**asdict(t.plan), "num_params": num_params},
+            "model": asdict(t.mc), "train": asdict(t.tc), "derived": derived(t.tc, t.plan, t.d.world_size, t.model),
             "env": environment(t.d.device)})
     t.run.log(f"{'resuming' if resumed else 'starting'} {t.tc.out_dir} at step {start}: {num_params:,} parameters, "
               f"{t.plan.tokens_per_step:,} tokens/step = {t.d.world_size} ranks x {t.plan.accum} micro-batches x "

@@ -12,12 +12,14 @@ from gpt_interventions.shards import check_vocab, read_tokens
 class TrainLoader:
     """Deterministic training batches addressed by optimizer step.
 
-    Each step trains on one contiguous chunk of `tokens_per_step` (+1 for the shifted targets)
-    tokens. Chunks run in order through the shards (a shard's tail shorter than a chunk is
-    skipped) and wrap around per epoch; `data_seed` > 0 permutes chunks within each epoch.
-    Micro-batch `micro` on rank `rank` reads rows `(rank * accum + micro) * B ...` of the chunk,
-    so splitting a step over more micro-batches or ranks never changes its tokens, and the
-    loader's whole state is the step number (resume needs nothing else).
+    The train shards, in order, are one stream of tokens. Step k trains on chunk k of it: the
+    `tokens_per_step` tokens from k * tokens_per_step (+1 for the shifted targets), read across a
+    shard boundary where a chunk spans one; after the last whole chunk the stream starts again
+    (an epoch), and `data_seed` > 0 permutes the chunks within each epoch. Micro-batch `micro` on
+    rank `rank` reads rows `(rank * accum + micro) * B ...` of the chunk, so splitting a step over
+    more micro-batches or ranks never changes its tokens, and the loader's whole state is the step
+    number (resume needs nothing else). The story's code read the same way: its micro-batch m was
+    the stream's tokens from m * B * T, and step k's micro-batches are those of chunk k.
     """
 
     def __init__(self, shards, tokens_per_step, batch_size, block_size, accum, rank, world_size,
@@ -26,40 +28,45 @@ class TrainLoader:
         self.B, self.T, self.accum, self.rank = batch_size, block_size, accum, rank
         assert batch_size * block_size * accum * world_size == tokens_per_step
         self.data_seed, self.vocab_size = data_seed, vocab_size
-        self.per_shard = [(n - 1) // tokens_per_step if n > 0 else 0 for _, n in shards]
-        self.chunks = sum(self.per_shard)
+        self.starts = np.cumsum([0] + [n for _, n in shards])  # stream offset of each shard, then the end
+        total = int(self.starts[-1])
+        self.chunks = (total - 1) // tokens_per_step if total > 0 else 0
         if self.chunks == 0:
-            path, biggest = max(shards, key=lambda s: s[1])
-            raise UsageError(f"one optimizer step needs {tokens_per_step + 1} tokens in a shard but "
-                             f"the largest train shard holds {biggest} ({path}); lower total_batch_size "
+            raise UsageError(f"one optimizer step needs {tokens_per_step + 1} tokens but the train shards "
+                             f"hold {total} ({len(shards)} file(s) from {shards[0][0]}); lower total_batch_size "
                              "or block_size, or prepare more data")
         self._perm_epoch, self._perm = None, None
 
-    def locate(self, step):
-        """(epoch, shard index, chunk index within shard) of the chunk trained at `step`."""
+    def chunk(self, step):
+        """Index of the chunk trained at `step` (its tokens start at chunk * tokens_per_step)."""
         epoch, i = divmod(step, self.chunks)
         if self.data_seed:
             if self._perm_epoch != epoch:
                 rng = np.random.default_rng([self.data_seed, epoch])
                 self._perm, self._perm_epoch = rng.permutation(self.chunks), epoch
             i = int(self._perm[i])
-        for s, c in enumerate(self.per_shard):
-            if i < c:
-                return epoch, s, i
-            i -= c
-        raise AssertionError("unreachable")
+        return i
+
+    def read(self, offset, count):
+        """`count` tokens of the stream from `offset`, each shard's part checked against vocab_size."""
+        parts = []
+        s = int(np.searchsorted(self.starts, offset, side="right")) - 1
+        while count > 0:
+            path, n = self.shards[s]
+            lo = offset - int(self.starts[s])
+            part = read_tokens(path, lo, min(count, n - lo))
+            check_vocab(part, self.vocab_size, path)
+            parts.append(part)
+            offset, count, s = offset + part.size, count - part.size, s + 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def batch(self, step, micro):
         """(x, y) int64 numpy arrays of shape (B, T) for this step's micro-batch on this rank."""
-        _, s, c = self.locate(step)
-        path = self.shards[s][0]
+        start = self.chunk(step) * self.S
         row = (self.rank * self.accum + micro) * self.B
-        buf = read_tokens(path, c * self.S + row * self.T, self.B * self.T + 1)
         if micro == 0:  # every rank checks the whole step (its own rows too), so under DDP all
-            check_vocab(read_tokens(path, c * self.S, self.S + 1), self.vocab_size, path)  # refuse together
-        else:
-            check_vocab(buf, self.vocab_size, path)
-        buf = buf.astype(np.int64)
+            self.read(start, self.S + 1)  # refuse together
+        buf = self.read(start + row * self.T, self.B * self.T + 1).astype(np.int64)
         return buf[:-1].reshape(self.B, self.T), buf[1:].reshape(self.B, self.T)
 
     def epoch_of(self, step):

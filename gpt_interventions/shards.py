@@ -117,3 +117,31 @@ def check_vocab(tokens, vocab_size, path):
     if tokens.size and int(tokens.max()) >= vocab_size:
         raise UsageError(f"shard {path} holds token id {int(tokens.max())}, outside the model's "
                          f"vocab_size {vocab_size}; the data was made with another tokenizer")
+
+
+class ShardWriter:
+    """Appends tokens and writes `{split}_NNNNNN.bin` files of exactly shard_tokens (the last shorter)."""
+
+    def __init__(self, out_dir, split, shard_tokens):
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.buf, self.buffered, self.shards, self.tokens, self.docs = [], 0, [], 0, 0
+
+    def add(self, tokens, docs=0):
+        self.buf.append(tokens)
+        self.buffered += tokens.size
+        self.tokens += tokens.size
+        self.docs += docs
+        while self.buffered >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def _flush(self, n):
+        data = np.concatenate(self.buf)
+        self.buf, self.buffered = [data[n:]], data.size - n
+        name = f"{self.split}_{len(self.shards):06d}.bin"
+        write_shard(os.path.join(self.out_dir, name), data[:n])
+        self.shards.append({"file": name, "tokens": int(n), "sha256": sha256_file(os.path.join(self.out_dir, name))})
+
+    def close(self):
+        if self.buffered or not self.shards:
+            self._flush(self.buffered)
+        return {"documents": self.docs, "tokens": self.tokens, "shards": self.shards}

@@ -86,21 +86,30 @@ def hub_download(repo, filename, revision):
     return hf_hub_download(repo, filename, repo_type="dataset", revision=revision)
 
 
-def _hub_call(repo, what, fn, *args):
+PARQUET_HINT = "copy its parquet files here and use --input='DIR/*.parquet' --dataset=NAME"
+
+
+def hub_call(repo, what, fn, hint=PARQUET_HINT):
+    """fn(), with any failure to reach the hub as one line that says what to do offline."""
     try:
-        return fn(*args)
+        return fn()
     except Exception as e:  # offline mode, no route, DNS, HTTP errors all mean the same here
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UsageError(f"cannot {what} {repo} from the Hugging Face hub ({type(e).__name__}: {reason}); "
-                         "on an offline machine copy its parquet files here and use "
-                         "--input='DIR/*.parquet' --dataset=NAME") from None
+                         f"on an offline machine {hint}") from None
+
+
+def hub_revision(repo, revision, hint=PARQUET_HINT):
+    """The commit that `revision` (a branch, tag or sha) of a hub dataset resolves to."""
+    api = hub_api()
+    return hub_call(repo, "reach", lambda: api.dataset_info(repo, revision=revision).sha, hint)
 
 
 def hub_listing(repo, subset, revision):
     """(resolved commit, sorted parquet file names of the subset)."""
     api = hub_api()
-    sha = _hub_call(repo, "reach", lambda: api.dataset_info(repo, revision=revision).sha)
-    names = _hub_call(repo, "list", lambda: api.list_repo_files(repo, repo_type="dataset", revision=sha))
+    sha = hub_revision(repo, revision)
+    names = hub_call(repo, "list", lambda: api.list_repo_files(repo, repo_type="dataset", revision=sha))
     prefix = subset.strip("/") + "/"
     files = sorted(n for n in names if n.startswith(prefix) and n.endswith(".parquet"))
     if not files:

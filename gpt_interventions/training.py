@@ -1,6 +1,13 @@
-"""TrainConfig, the flags of a run, and the Plan derived from it once: batch, accumulation, steps."""
+"""TrainConfig, the flags of a run, and the Plan derived from it once: batch, accumulation, steps.
+
+The defaults are the story's baseline run exactly (shared/story facts, tests/test_story.py): 8 GPUs x
+12 sequences x 1024 tokens = 98,304 tokens per step for 3,260,190,720 tokens (33,165 steps), AdamW
+at a constant 0.0004 with weight decay 0.1 on every parameter, float16 autocast with a GradScaler,
+seed 42, on the story's own token dataset.
+"""
 
 import math
+from fractions import Fraction
 from dataclasses import asdict, dataclass
 
 from gpt_interventions.cli import field
@@ -13,22 +20,23 @@ class TrainConfig:
     out_dir: str = field("", "run directory; default out/<run_name>")
     resume: bool = field(False, "continue the run in out_dir from its ckpt.pt")
     # data
-    dataset: str = field("fineweb", "dataset directory under data_dir (made by prepare_data.py)")
+    dataset: str = field("story", "dataset directory under data_dir (made by prepare_data.py)")
     data_dir: str = field("data", "root of the prepared datasets")
     data_seed: int = field(0, "0: chunks in order through the shards; N > 0: shuffled per epoch")
     # batch and length
-    batch_size: int = field(16, "micro-batch size in sequences, per rank")
-    total_batch_size: int = field(524288, "tokens per optimizer step; 0: one micro-batch per rank")
+    batch_size: int = field(12, "micro-batch size in sequences, per rank")
+    total_batch_size: int = field(98304, "tokens per optimizer step; 0: one micro-batch per rank")
     gradient_accumulation_steps: int = field(0, "micro-batches per step per rank; 0: derived")
     max_iters: int = field(0, "optimizer steps; 0: from max_tokens")
-    max_tokens: int = field(3_260_000_000, "training tokens, rounded up to whole steps")
+    max_tokens: int = field(3_260_190_720, "training tokens, rounded up to whole steps")
     # optimizer and schedule
     learning_rate: float = field(4e-4, "peak learning rate (AdamW)")
-    lr_schedule: str = field("constant", "after warmup: constant, or cosine to min_lr at the last step",
-                             choices=("constant", "cosine"))
+    lr_schedule: str = field("constant", "constant or cosine: warmup from lr/warmup, then constant or cosine "
+                             "to min_lr at the last step; story: the story's torch LinearLR warmup from "
+                             "1e-5 x lr, then CosineAnnealingLR toward min_lr", choices=("constant", "cosine", "story"))
     warmup_iters: int = field(0, "linear warmup steps; 0: use warmup_frac")
-    warmup_frac: float = field(0.0, "linear warmup as a fraction of the run's steps")
-    min_lr: float = field(4e-5, "learning rate at the last step of the cosine schedule")
+    warmup_frac: float = field(0.0, "linear warmup as a fraction of the run's steps (rounded; story: floored)")
+    min_lr: float = field(4e-5, "the cosine schedules' floor (eta_min)")
     weight_decay: float = field(0.1, "AdamW decoupled weight decay")
     decay_params: str = field("all", "which parameters decay: all (as the story's code) or matrices",
                               choices=("all", "matrices"))
@@ -37,12 +45,12 @@ class TrainConfig:
     eps: float = field(1e-8, "AdamW epsilon")
     grad_clip: float = field(0.0, "clip the global gradient norm to this; 0: off (norm still logged)")
     # numerics and speed
-    dtype: str = field("bfloat16", "autocast dtype; float16 adds a GradScaler",
+    dtype: str = field("float16", "autocast dtype; float16 adds a GradScaler",
                        choices=("float32", "bfloat16", "float16"))
     tf32: bool = field(True, "TF32 matmuls for float32 work on Ampere+ GPUs")
     compile: bool = field(True, "torch.compile the model")
     device: str = field("auto", "auto, cpu, cuda or cuda:N")
-    seed: int = field(1337, "seed of the initial weights and of dropout")
+    seed: int = field(42, "seed of the initial weights and of dropout")
     nonfinite: str = field("stop", "on a non-finite loss or gradient: stop the run, or skip the step",
                            choices=("stop", "skip"))
     # logging, evaluation, checkpoints
@@ -53,6 +61,8 @@ class TrainConfig:
     checkpoint_interval: int = field(500, "steps between checkpoints (one is always written at the end)")
     keep_checkpoints: int = field(0, "also keep the last N checkpoints as ckpt_STEP.pt; 0: only ckpt.pt")
     charts: bool = field(True, "draw the run's curves as PNG files in out_dir/charts/ when it finishes")
+    dry_run: bool = field(False, "print the resolved config and the plan as JSON and exit: no data read, "
+                          "nothing written (ranks from WORLD_SIZE)")
 
 
 POSITIVE = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "log_interval",
@@ -63,7 +73,7 @@ FRACTIONS = {"dropout", "beta1", "beta2"}  # in [0, 1)
 RUNTIME_FIELDS = {"resume", "out_dir", "run_name", "data_dir", "batch_size",
                   "gradient_accumulation_steps", "compile", "device", "log_interval",
                   "eval_interval", "eval_batch_size", "checkpoint_interval", "keep_checkpoints",
-                  "nonfinite", "charts"}
+                  "nonfinite", "charts", "dry_run"}
 # max_iters/max_tokens are not among them: the cosine schedule of the remaining steps depends on them.
 
 
@@ -103,7 +113,10 @@ def make_plan(mc, tc, world_size):
     if tc.max_iters < 0 or tc.max_tokens < 0 or not (tc.max_iters or tc.max_tokens):
         raise UsageError("set a positive --max_iters or --max_tokens")
     max_steps = tc.max_iters or math.ceil(tc.max_tokens / tokens_per_step)
-    warmup = tc.warmup_iters or round(tc.warmup_frac * max_steps)
+    if tc.lr_schedule == "story":  # its code: steps * warmup_period_percent // 100
+        warmup = tc.warmup_iters or math.floor(Fraction(repr(tc.warmup_frac)) * max_steps)
+    else:
+        warmup = tc.warmup_iters or round(tc.warmup_frac * max_steps)
     if not 0 <= tc.warmup_frac <= 1 or warmup < 0 or warmup > max_steps:
         raise UsageError(f"warmup of {warmup} steps does not fit a run of {max_steps} steps")
     return Plan(accum, tokens_per_step, max_steps, warmup)

@@ -53,7 +53,7 @@ def damage_shard(path, how):
     ("train", "magic", "has magic 12345, expected 20240520"),
     ("train", "size", "header says 40000 tokens: truncated or corrupted"),
     ("train", "vocab", "outside the model's vocab_size 256"),
-    ("train", "short", "one optimizer step needs 257 tokens in a shard but the largest train shard holds 20"),
+    ("train", "short", "one optimizer step needs 257 tokens but the train shards hold 20"),
     ("val", "vocab", "outside the model's vocab_size 256"),
     ("val", "short", "(20 tokens) is shorter than one block of 33 tokens"),
 ])

@@ -39,7 +39,7 @@ def test_bootstrap_once_n_allows():
 
 def replicates(root, prefix, mean, spread, **config):
     for i, eps in enumerate((-spread, 0.0, spread)):
-        fake_run(root, f"{prefix}-s{i}", mean + eps, seed=1337 + i, **config)
+        fake_run(root, f"{prefix}-s{i}", mean + eps, seed=42 + i, **config)
 
 
 @pytest.mark.parametrize("spread, verdict", [(0.03, "within noise"), (0.01, "within noise"), (0.002, "better")])
@@ -76,7 +76,7 @@ def test_runtime_fields_do_not_make_an_intervention(tmp_path, capsys):
     compare.main([str(tmp_path / "*"), "--usd_per_hour=3600", "--baseline=a"])
     lines = capsys.readouterr().out.splitlines()
     a, b = lines[1].split(), lines[2].split()
-    assert a == ["a", "baseline", "1337", "3.700000", "+0.000000", "3.9000", "2,000", "0:00:04", "500", "8.00"]
+    assert a == ["a", "baseline", "42", "3.700000", "+0.000000", "3.9000", "2,000", "0:00:04", "500", "8.00"]
     assert b[:5] == ["b", "weight_decay=0", "7", "3.800000", "+0.100000"] and b[-1] == "4.00"
 
 
@@ -112,8 +112,8 @@ def test_table_and_markdown_on_real_runs(real_runs, tmp_path, capsys):
         with open(os.path.join(d, "eval.json")) as f:
             losses.append(json.load(f)["syn/test"]["loss"])
     base, clip = out[2].split(" | "), out[3].split(" | ")
-    assert base[:5] == ["| base", "baseline", "1337", f"{losses[0]:.6f}", "+0.000000"]
-    assert clip[:5] == ["| clip", "grad_clip=0.3", "1337", f"{losses[1]:.6f}", f"{losses[1] - losses[0]:+.6f}"]
+    assert base[:5] == ["| base", "baseline", "42", f"{losses[0]:.6f}", "+0.000000"]
+    assert clip[:5] == ["| clip", "grad_clip=0.3", "42", f"{losses[1]:.6f}", f"{losses[1] - losses[0]:+.6f}"]
     assert clip[6] == "1,536"  # 6 steps x 256 tokens
     assert "no noise estimate" in out[-2] and out[-1].startswith("charts: ")
     for name in charts.CHARTS:
@@ -135,7 +135,7 @@ def test_charts_draw_one_series_per_run_and_mark_clipping(real_runs, tmp_path):
     assert sorted(os.listdir(os.path.join(real_runs[0], "charts"))) == sorted(f"{c}.png" for c in charts.CHARTS)
 
 
-def ledger_row(model, loss, tokens=1024, block_size=1024, dataset="fineweb", split="test", **extra):
+def ledger_row(model, loss, tokens=1024, block_size=1024, dataset="story", split="test", **extra):
     return {"model": model, "source": "huggingface", "dataset": dataset, "split": split, "loss": loss,
             "tokens": tokens, "config": {"model": {"block_size": block_size}}, **extra}
 
@@ -169,7 +169,7 @@ def test_reference_without_a_matching_row_says_how_to_score_it(tmp_path, capsys)
     code, err = cli(compare.main, [tmp_path / "base", "--reference=gpt2", f"--ledger={ledger}"], capsys)
     assert code == 2 and err.count("\n") == 1
     assert "it has 2048 tokens at block_size 1024" in err
-    assert f"python eval.py gpt2 --dataset=fineweb --eval_tokens=1024 --ledger={ledger}" in err
+    assert f"python eval.py gpt2 --dataset=story --eval_tokens=1024 --ledger={ledger}" in err
     code, err = cli(compare.main, [tmp_path / "base", "--reference=gpt2", f"--ledger={tmp_path / 'none.jsonl'}"],
                     capsys)
     assert code == 2 and "does not exist: eval.py writes it" in err

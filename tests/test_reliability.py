@@ -23,6 +23,7 @@ from gpt_interventions.errors import UsageError
 from gpt_interventions.formats import load_model
 from gpt_interventions.shards import write_shard
 from gpt_interventions.step import step_seed
+from gpt_interventions.training import TrainConfig
 from helpers import (
     EXACT,
     ROOT,
@@ -289,7 +290,7 @@ class NanGradient(torch.autograd.Function):
 def inject_nonfinite(monkeypatch, what, step):
     """Make the loss or only the gradient of 0-indexed `step` non-finite."""
     forward = GPT.forward
-    seed = step_seed(1337, step, 0)  # train reseeds every step: this identifies the step
+    seed = step_seed(TrainConfig().seed, step, 0)  # train reseeds every step: this identifies the step
 
     def bad_forward(self, idx, targets=None):
         logits, loss = forward(self, idx, targets)

@@ -32,15 +32,15 @@ def test_defaults_are_the_story_baseline_preset():
     assert parse() == parse(os.path.join(ROOT, "config/baseline.toml"))
 
 
-def test_best_preset_stacks_the_five_interventions():
+def test_best_preset_is_the_storys_stacked_interventions_1():
     mc, tc = parse(os.path.join(ROOT, "config/best.toml"))
-    assert (tc.grad_clip, mc.qkv_bias, tc.weight_decay, mc.dropout) == (3.5, True, 0.01, 0.0)
-    assert (tc.learning_rate, tc.lr_schedule, tc.warmup_frac, tc.min_lr) == (0.0014, "cosine", 0.05, 0.00014)
+    assert (tc.grad_clip, mc.qkv_bias, tc.weight_decay, mc.dropout) == (3.5, False, 0.01, 0.0)  # no QKV bias
+    assert (tc.learning_rate, tc.lr_schedule, tc.warmup_frac, tc.min_lr) == (0.0014, "story", 0.05, 0.00014)
     base_mc, base_tc = parse()
     diff = {k for k, v in {**dataclasses.asdict(mc), **dataclasses.asdict(tc)}.items()
             if v != {**dataclasses.asdict(base_mc), **dataclasses.asdict(base_tc)}[k]}
-    assert diff == {"grad_clip", "qkv_bias", "weight_decay", "dropout", "learning_rate", "lr_schedule",
-                    "warmup_frac", "min_lr"}
+    assert diff == {"grad_clip", "weight_decay", "dropout", "learning_rate", "lr_schedule", "warmup_frac", "min_lr"}
+    assert parse(os.path.join(ROOT, "config/story/stacked-interventions-1.toml")) == (mc, tc)
 
 
 def test_precedence_defaults_then_presets_then_flags():
@@ -73,7 +73,7 @@ BAD = [
     (["--grad_clip=abc"], "--grad_clip expects float, got 'abc'"),
     (["--qkv_bias=maybe"], "--qkv_bias expects True or False"),
     (["--n_layer=2.5"], "--n_layer expects int"),
-    (["--lr_schedule=linear"], "lr_schedule must be one of constant, cosine"),
+    (["--lr_schedule=linear"], "lr_schedule must be one of constant, cosine, story"),
     (["--n_head=5"], "n_embd 768 is not divisible by n_head 5"),
     (["--max_iters"], "--max_iters needs a value"),
     (["missing.toml"], "preset missing.toml not found"),
@@ -118,7 +118,7 @@ def test_batch_not_divisible_into_micro_batches(data_dir, tmp_path):
 
 def test_step_larger_than_the_data(data_dir, tmp_path):
     fails(tiny_flags(data_dir, str(tmp_path / "o"), total_batch_size=4096),
-          "one optimizer step needs 4097 tokens in a shard but the largest train shard holds 2000")
+          "one optimizer step needs 4097 tokens but the train shards hold 2000")
 
 
 def test_block_larger_than_the_validation_split(tmp_path):
