@@ -243,8 +243,12 @@ def check_config(cfg):
 
 
 def settings(cfg):
-    """The config fields that decide the output bytes (num_proc and overwrite do not)."""
-    return {k: v for k, v in asdict(cfg).items() if k not in ("num_proc", "overwrite", "data_dir")}
+    """The config fields that decide the output bytes (num_proc and overwrite do not, nor, for the
+    story's tokens, the text corpus's fields)."""
+    ignored = {"num_proc", "overwrite", "data_dir"}
+    if cfg.dataset == "story":
+        ignored |= {"text_field", "id_field", "subset", "holdout_frac"}
+    return {k: v for k, v in asdict(cfg).items() if k not in ignored}
 
 
 def main(argv):
@@ -357,7 +361,7 @@ def prepare_story(cfg, out_dir, old):
     return install(out_dir, staging, cfg, source, splits, {
         "files": [{"file": os.path.basename(f.path), "tokens": f.size} for f in files.values()],
         "tokenizer": {"name": "gpt2", "eot": EOT, "document_suffix": "eot", "by": repo},
-        "split_rule": story_data.split_rule(cfg)})
+        "split_rule": story_data.split_rule(files, cfg)})
 
 
 def pinned(cfg, old):

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from gpt_interventions.atomic import write_json
-from gpt_interventions.checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
+from gpt_interventions.checkpoint import CHECKPOINT_VERSION, load_checkpoint, model_config_of, save_checkpoint
 from gpt_interventions.cli import parse_config
 from gpt_interventions.device import Dist, autocast, peak_flops, set_tf32, setup_dist, teardown_dist
 from gpt_interventions.errors import RunError, UsageError, run_main
@@ -61,7 +61,7 @@ def resolve_config(argv):
             raise UsageError(f"{out_dir} has no checkpoint: the run stopped before its first one; "
                              "delete the directory or choose another --out_dir to start again")
         ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
-        saved = [GPTConfig(**ckpt["model_config"]), TrainConfig(**ckpt["train_config"])]
+        saved = [GPTConfig(**model_config_of(ckpt["model_config"])), TrainConfig(**ckpt["train_config"])]
         (mc, tc), _, _ = parse_config(argv, classes, "train.py", USAGE, bases=saved)
         changed = [f"{k}: {asdict(s)[k]!r} -> {v!r}" for s, new in zip(saved, (mc, tc))
                    for k, v in asdict(new).items() if k not in RUNTIME_FIELDS and asdict(s)[k] != v]
@@ -79,8 +79,13 @@ def resolve_config(argv):
 def dry_run(mc, tc):
     """What a run will do and cost, before paying for it: the resolved config and the derived plan
     as one JSON object (config.json's model, train and derived). Reads no data, writes nothing."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))  # WORLD_SIZE=8 python train.py ... --dry_run
+    world_size = os.environ.get("WORLD_SIZE", "1")  # WORLD_SIZE=8 python train.py ... --dry_run
+    if not world_size.isdigit() or int(world_size) < 1:
+        raise UsageError(f"WORLD_SIZE={world_size!r}: give the number of ranks the run will have, e.g. WORLD_SIZE=8")
+    world_size = int(world_size)
     plan = make_plan(mc, tc, world_size)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: one plan, from rank 0
+        return
     with torch.device("meta"):  # the parameter count without allocating the weights
         model = GPT(mc)
     print(json.dumps({"model": asdict(mc), "train": asdict(tc), "derived": derived(tc, plan, world_size, model)},
@@ -100,12 +105,16 @@ class StopSignals:
 
     def __init__(self):
         self.signal = None  # the name of the signal received, if any
+        self.previous = {}
 
     def __enter__(self):
+        return self
+
+    def arm(self):
+        """From here on a signal asks for a stop (during setup it stops at once, as by default)."""
         self.previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         for s in self.previous:
             signal.signal(s, self._received)
-        return self
 
     def _received(self, signum, frame):
         self.signal = signal.Signals(signum).name
@@ -161,13 +170,14 @@ def train(mc, tc, ckpt, d, stop):
     run = Run(tc, d.master, start if ckpt else None)
     t = Training(mc, tc, plan, d, model, optimizer, scaler, shards, loader, run,
                  saved_step=start if ckpt else None, skipped=ckpt.get("skipped_steps", 0) if ckpt else 0,
-                 bad_step=torch.full((), -1, dtype=torch.long, device=d.device), clock=(time.time(), start),
-                 peak=peak_flops(d.device, tc.dtype))
+                 bad_step=torch.full((), -1, dtype=torch.long, device=d.device), peak=peak_flops(d.device, tc.dtype))
     record_start(t, start, resumed=ckpt is not None)
 
     fwd_model, ddp_model = wrap_model(model, tc, d)
     ctx = autocast(d.device_type, tc.dtype)
     model.train()
+    stop.arm()
+    t.clock = (time.time(), start)
     for step in range(start, plan.max_steps):
         lr = get_lr(step, tc, plan)
         for group in optimizer.param_groups:
@@ -210,6 +220,10 @@ def record_start(t, start, resumed):
               f"{t.plan.tokens_per_step:,} tokens/step = {t.d.world_size} ranks x {t.plan.accum} micro-batches x "
               f"{t.tc.batch_size} x {t.mc.block_size}, {t.plan.max_steps} steps")
     t.run.log("config: " + json.dumps({**asdict(t.mc), **asdict(t.tc)}))
+    if t.plan.max_steps > t.loader.chunks:  # allowed (small corpora), but never unannounced
+        t.run.log(f"note: the train split holds {t.loader.chunks:,} steps of tokens and this run takes "
+                  f"{t.plan.max_steps:,}: from step {t.loader.chunks + 1:,} on it reads the same tokens again "
+                  f"(epoch 2 and on{', reshuffled' if t.tc.data_seed else ''})")
 
 
 def update(t, step, loss_sum, norm):
@@ -312,7 +326,7 @@ def checkpoint_state(t, step):
         "model_config": asdict(t.mc), "train_config": asdict(t.tc),
         "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
         "scaler": t.scaler.state_dict(), "step": step, "tokens": step * t.plan.tokens_per_step,
-        "data": {"dataset": t.tc.dataset, "tokens_per_step": t.plan.tokens_per_step,
+        "data": {"dataset": t.tc.dataset, "tokens_per_step": t.plan.tokens_per_step, "order": "stream",
                  "data_seed": t.tc.data_seed, "epoch": t.loader.epoch_of(step),
                  "shards": [[os.path.basename(p), n] for p, n in t.shards]},
         "rng": {"scheme": "dropout reseeded each step from (seed, step, rank)", "seed": t.tc.seed},
@@ -334,6 +348,9 @@ def check_same_data(saved, shards, plan, tc):
         raise UsageError(f"cannot resume {tc.out_dir}: it trained {saved['tokens_per_step']} tokens per step, "
                          f"these settings give {plan.tokens_per_step}; keep total_batch_size (or, with "
                          "total_batch_size=0, batch_size x ranks) as it was")
+    if saved.get("order") != "stream" and len(found) > 1:  # written before the shards were one stream
+        raise UsageError(f"cannot resume {tc.out_dir}: its checkpoint read each of its {len(found)} train shards "
+                         "on its own (an older version's order); resume it with the version that started it")
     if saved["shards"] != found:
         raise UsageError(f"cannot resume {tc.out_dir}: the train shards in {os.path.join(tc.data_dir, tc.dataset)} "
                          f"({len(found)} files, {sum(n for _, n in found)} tokens) differ from those it trained on "

@@ -14,6 +14,12 @@ from gpt_interventions.errors import UsageError
 CHECKPOINT_VERSION = 1
 
 
+def model_config_of(saved):
+    """A saved model config as today's GPTConfig fields: runs saved before the `init` switch
+    existed were initialised as GPT-2 (init = "gpt2"), whatever today's default."""
+    return {"init": "gpt2", **saved}
+
+
 def save_checkpoint(path, ckpt):
     def write(f):
         try:

@@ -29,17 +29,27 @@ STORY_HF_TYPE = "gpjtgpt2"  # the story's Hugging Face wrapper (layout b)
 QKV = ("W_query", "W_key", "W_value")
 
 
+BOOK_CONFIG = {"n_layers": int, "n_heads": int, "emb_dim": int, "context_length": int, "vocab_size": int,
+               "drop_rate": (int, float), "qkv_bias": bool}
+
+
 def config_from_book(cfg, where):
-    """Our GPTConfig for the story's model.json (a dict)."""
+    """Our GPTConfig for the story's model.json (a dict), each field of the type the book's code reads."""
     if not isinstance(cfg, dict):
         raise UsageError(f"{where} is not a model config")
-    try:
-        return GPTConfig(n_layer=cfg["n_layers"], n_head=cfg["n_heads"], n_embd=cfg["emb_dim"],
-                         block_size=cfg["context_length"], vocab_size=cfg["vocab_size"],
-                         dropout=float(cfg["drop_rate"]), qkv_bias=bool(cfg["qkv_bias"]),
-                         tie_weights=bool(cfg.get("tie_weights", False)))
-    except KeyError as e:
-        raise UsageError(f"{where} lacks {e.args[0]}: not the book's model config") from None
+    for key, typ in {**BOOK_CONFIG, "tie_weights": bool}.items():
+        if key not in cfg and key != "tie_weights":
+            raise UsageError(f"{where} lacks {key}: not the book's model config")
+        value = cfg.get(key, False)
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)) or \
+                (typ is int and value <= 0):
+            raise UsageError(f"{where}: {key} is {value!r}, not a {'positive whole number' if typ is int else typ}")
+    if cfg["emb_dim"] % cfg["n_heads"] or not 0 <= cfg["drop_rate"] < 1:
+        raise UsageError(f"{where}: emb_dim {cfg['emb_dim']} is not divisible by n_heads {cfg['n_heads']}, "
+                         f"or drop_rate {cfg['drop_rate']} is not in [0, 1)")
+    return GPTConfig(n_layer=cfg["n_layers"], n_head=cfg["n_heads"], n_embd=cfg["emb_dim"],
+                     block_size=cfg["context_length"], vocab_size=cfg["vocab_size"],
+                     dropout=float(cfg["drop_rate"]), qkv_bias=cfg["qkv_bias"], tie_weights=cfg.get("tie_weights", False))
 
 
 def book_names(config):
@@ -60,10 +70,13 @@ def book_names(config):
 def state_from_book(tensors, config, where, prefix=""):
     """Our state dict from the book's tensors (names after `prefix`); UsageError naming what is missing."""
     tensors = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-    if config.tie_weights:  # one tensor under either name
-        shared = tensors.get("tok_emb.weight", tensors.get("out_head.weight"))
-        if shared is not None:
-            tensors["tok_emb.weight"] = tensors["out_head.weight"] = shared
+    if config.tie_weights:  # one tensor under either name (or both, equal)
+        both = [tensors[k] for k in ("tok_emb.weight", "out_head.weight") if k in tensors]
+        if len(both) == 2 and not torch.equal(*both):
+            raise UsageError(f"{where}: model.json ties the head to the embedding, but the file holds two "
+                             "different tensors for tok_emb and out_head")
+        if both:
+            tensors["tok_emb.weight"] = tensors["out_head.weight"] = both[0]
     known = {b for b, _ in book_names(config)} | {f"trf_blocks.{i}.att.mask" for i in range(config.n_layer)}
     parts = ("weight", "bias") if config.qkv_bias else ("weight",)
     known |= {f"trf_blocks.{i}.att.{m}.{p}" for i in range(config.n_layer) for m in QKV for p in parts}

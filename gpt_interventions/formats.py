@@ -22,7 +22,7 @@ import torch
 
 from gpt_interventions import format_book, format_hf
 from gpt_interventions.atomic import atomic_write, write_json
-from gpt_interventions.checkpoint import load_checkpoint
+from gpt_interventions.checkpoint import load_checkpoint, model_config_of
 from gpt_interventions.errors import UsageError
 from model import GPT, GPTConfig
 
@@ -82,7 +82,7 @@ def _build(config, state_dict, where):
 def _from_checkpoint(path):
     ckpt = load_checkpoint(path)
     try:
-        config = GPTConfig(**ckpt["model_config"])
+        config = GPTConfig(**model_config_of(ckpt["model_config"]))
     except (KeyError, TypeError) as e:
         raise UsageError(f"{path} has no usable model_config ({e})") from None
     model = _build(config, {k: v.float() for k, v in ckpt["model"].items()}, path)

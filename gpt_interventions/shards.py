@@ -80,8 +80,9 @@ def find_shards(data_dir, dataset, split):
         raise UsageError(f"{root} is half-prepared (prepare_data.py was stopped while moving shards); "
                          f"re-run python prepare_data.py --dataset={dataset} with the same options")
     if not paths:
+        hint = " --max_tokens=3.27e9" if dataset == "story" else ""  # its 33,165 steps, not all 20 GB
         raise UsageError(f"no {split} shards in {root}; prepare them "
-                         f"with: python prepare_data.py --dataset={dataset}")
+                         f"with: python prepare_data.py --dataset={dataset}{hint}")
     shards = [(p, read_header(p)) for p in paths]
     if os.path.exists(meta_path):
         _check_meta(meta_path, split, shards)

@@ -68,6 +68,9 @@ def check(files, cfg):
     if val_tokens > offset:
         raise UsageError(f"--val_tokens={val_tokens} would overlap the test split, which starts at "
                          f"--test_offset={offset}; lower --val_tokens")
+    if test_tokens > cfg.shard_tokens:  # eval's windows do not cross shards: one shard keeps every batch
+        raise UsageError(f"--shard_tokens={cfg.shard_tokens} would split the test split of {test_tokens:,} "
+                         "tokens across shards and lose the windows at the cut; raise --shard_tokens")
     if val.size < offset + test_tokens:
         raise UsageError(f"{val.path} holds {val.size:,} tokens, too few for the test split at "
                          f"[{offset:,}, {offset + test_tokens:,}); lower --test_offset or --test_tokens")
@@ -96,8 +99,10 @@ def write_splits(files, cfg, staging):
     return out
 
 
-def split_rule(cfg):
+def split_rule(files, cfg):
     val_tokens, offset, test_tokens = budgets(cfg)
-    return {"train": "train.safetensors tokens in order" + (f", the first {cfg.max_tokens}" if cfg.max_tokens else ""),
+    train = files["train"].size
+    return {"train": "train.safetensors tokens in order" + (f", the first {cfg.max_tokens}" if cfg.max_tokens
+                                                            and cfg.max_tokens < train else ""),
             "val": f"validation.safetensors tokens [0, {val_tokens})",
             "test": f"validation.safetensors tokens [{offset}, {offset + test_tokens})"}

@@ -1,7 +1,7 @@
 """TrainConfig, the flags of a run, and the Plan derived from it once: batch, accumulation, steps.
 
 The defaults are the story's baseline run exactly (shared/story facts, tests/test_story.py): 8 GPUs x
-12 sequences x 1024 tokens = 98,304 tokens per step for 3,260,190,720 tokens (33,165 steps), AdamW
+12 sequences x 1024 tokens = 98,304 tokens per step for 3,260,190,720 tokens rounded up to whole steps (33,165), AdamW
 at a constant 0.0004 with weight decay 0.1 on every parameter, float16 autocast with a GradScaler,
 seed 42, on the story's own token dataset.
 """

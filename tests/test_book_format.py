@@ -6,6 +6,7 @@ with scale and shift, a tanh-GELU feed-forward of 4x width, an untied (or tied) 
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -157,4 +158,26 @@ def test_bad_book_directories_are_one_line(tmp_path, capsys):
     (tmp_path / "model.json").write_text(json.dumps(cfg))
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(UsageError, match="model.safetensors not found; a directory in the book's format holds"):
+        load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"qkv_bias": "false"}, "qkv_bias is 'false', not a <class 'bool'>"),
+    ({"n_heads": 5}, "emb_dim 32 is not divisible by n_heads 5"),
+    ({"drop_rate": None}, "drop_rate is None"),
+    ({"n_layers": 0}, "n_layers is 0, not a positive whole number"),
+])
+def test_a_bad_model_json_is_one_line(tmp_path, change, message):
+    cfg, book = book_model(False, False)
+    save_model(book, str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(UsageError, match=re.escape(message)):
+        load_model(str(tmp_path))
+
+
+def test_a_tied_file_with_two_different_heads_is_refused(tmp_path):
+    cfg, book = book_model(False, False)  # untied weights, then called tied
+    save_file({k: v.contiguous() for k, v in book.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.json").write_text(json.dumps({**cfg, "tie_weights": True}))
+    with pytest.raises(UsageError, match="two different tensors for tok_emb and out_head"):
         load_model(str(tmp_path))

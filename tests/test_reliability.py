@@ -272,6 +272,25 @@ def test_resume_refuses_other_tokens_per_step_or_other_shards(tmp_path, capsys):
     assert snapshot(out) == before
 
 
+def test_checkpoints_of_older_versions_resume_as_they_were_trained(tmp_path, capsys):
+    # before the train shards were one stream each shard was read on its own, and before `init`
+    # existed every run used GPT-2's init: such a checkpoint must not go on with other tokens or be
+    # recorded with today's default init
+    data_dir = make_shards(tmp_path / "data", train=(3000, 3000))
+    out = str(tmp_path / "run")
+    train.main(tiny_flags(data_dir, out, max_iters=2, init="gpt2"))
+    path = os.path.join(out, "ckpt.pt")
+    ckpt = load_checkpoint(path)
+    del ckpt["data"]["order"], ckpt["model_config"]["init"]
+    torch.save(ckpt, path)
+    model, _ = load_model(path)
+    assert model.config.init == "gpt2"
+    before = snapshot(out)
+    code, err = cli(train.main, tiny_flags(data_dir, out, resume=True, max_iters=2), capsys)
+    assert code == 2 and "read each of its 2 train shards on its own (an older version's order)" in err
+    assert snapshot(out) == before
+
+
 # --- numerics ------------------------------------------------------------------------------------
 
 

@@ -34,6 +34,16 @@ def story_run(name):
         m = json.load(f)
     with open(os.path.join(RUNS, name, "train.json")) as f:
         t = json.load(f)
+    # every key is one this mapping reads, or one that changes nothing here (where it checkpoints)
+    assert set(t) <= {"microbatch_size", "gradient_accumulation_steps", "min_train_tokens", "learning_rate",
+                      "weight_decay", "clipping_max_norm", "use_amp", "schedule_learning_rate",
+                      "warmup_period_percent", "random_seed", "checkpoint_interval", "dataset",
+                      "start_train_token", "start_val_token"}, name
+    assert set(m) <= {"vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias",
+                      "tie_weights"}, name
+    # its data: the story's tokens from the start (start_val_token is read by nothing since in-training
+    # validation was removed from its code)
+    assert t["dataset"] == "gpjt/fineweb-gpt2-tokens" and t["start_train_token"] == 0, name
     gpus = int(name.split("x")[0])
     micro, accum = t["microbatch_size"], t.get("gradient_accumulation_steps", 1)
     per_step = gpus * micro * accum * m["context_length"]
@@ -77,7 +87,7 @@ def test_each_story_run_is_a_preset(name, capsys, monkeypatch):
 
 def test_the_story_numbers(capsys, monkeypatch):
     # the figures the story's write-up gives: 163M parameters, 98,304 tokens per step, 33,165 steps
-    # = 3,260,190,720 tokens; one GPU accumulates 8 micro-batches of 12 for the same step
+    # for 3,260,190,720 tokens rounded up; one GPU accumulates 8 micro-batches of 12 for the same step
     got = dry_run([], 1, capsys, monkeypatch)
     assert got["derived"]["num_params"] == 163_009_536
     assert (got["derived"]["accum"], got["derived"]["tokens_per_step"], got["derived"]["max_steps"]) == (8, 98_304, 33_165)
@@ -107,7 +117,8 @@ def test_every_preset_names_its_reported_loss():
         with open(os.path.join(ROOT, "config", "story", f"{name}.toml")) as f:
             head = " ".join(f.read().split("\n")[:2])
         assert f"run {name} (" in head, name
-        assert f"reported test loss {reported[name]}" in head if name in reported else "not" in head, name
+        assert f"reported test loss {reported[name]}" in head if name in reported else \
+            "test loss not reported to six decimals" in head, name
 
 
 def test_dry_run_reads_no_data_and_writes_nothing(tmp_path, capsys, monkeypatch):
@@ -115,6 +126,9 @@ def test_dry_run_reads_no_data_and_writes_nothing(tmp_path, capsys, monkeypatch)
     got = dry_run(["--out_dir=run"], 1, capsys, monkeypatch)
     assert got["train"]["out_dir"] == "run" and os.listdir(tmp_path) == []
     assert got["derived"]["run_flops"] == got["derived"]["flops_per_token"] * 98_304 * 33_165
+    monkeypatch.setenv("WORLD_SIZE", "eight")
+    code, err = cli(train.main, ["--dry_run"], capsys)
+    assert code == 2 and "WORLD_SIZE='eight'" in err and err.count("\n") == 1
 
 
 # --- the story's data: gpjt/fineweb-gpt2-tokens -----------------------------------------------
@@ -158,6 +172,14 @@ def test_story_import_is_bit_exact(tmp_path):
     assert meta["splits"]["train"]["documents"] == 300 and meta["splits"]["test"]["tokens"] == 4097
     capped = import_story(tmp_path / "capped", "--max_tokens=12345", *SMALL, story=tmp_path / "story")
     assert np.array_equal(split_tokens(capped, "train"), tokens["train"][:12345])
+
+
+def test_story_import_reads_the_files_a_slice_at_a_time(tmp_path, monkeypatch):
+    tokens = story_files(tmp_path / "story")
+    monkeypatch.setattr(story_data, "SLICE", 777)  # slices that cut shards and splits anywhere
+    data_dir = import_story(tmp_path, "--max_tokens=20001", *SMALL)
+    assert np.array_equal(split_tokens(data_dir, "train"), tokens["train"][:20001])
+    assert np.array_equal(split_tokens(data_dir, "test"), tokens["validation"][5000:5000 + 4097])
 
 
 def test_story_defaults_are_its_offsets():
@@ -216,14 +238,16 @@ def test_each_step_trains_on_the_storys_tokens_of_that_step(tmp_path, ranks, acc
 
 @pytest.mark.parametrize("bad, message", [
     (dict(name="ids"), "holds ids, not the vector `tokens`"),
+    (dict(shard_tokens=4000), "--shard_tokens=4000 would split the test split of 4,097 tokens"),
     (dict(dtype=np.int32), "train.safetensors: `tokens` is I32 of shape [30000], not a uint16 vector"),
     (dict(validation=9000), "holds 9,000 tokens, too few for the test split at [5,000, 9,097)"),
 ])
 def test_bad_story_files_are_one_line_and_write_nothing(tmp_path, capsys, bad, message):
+    shard = bad.pop("shard_tokens", 7000)
     story_files(tmp_path / "story", **bad)
     data = tmp_path / "data"
     code, err = cli(prepare_data.main, ["--dataset=story", f"--input={tmp_path / 'story'}", f"--data_dir={data}",
-                                        *SMALL], capsys)
+                                        *SMALL, f"--shard_tokens={shard}"], capsys)
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not data.exists() or snapshot(data) == {}
 
