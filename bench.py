@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from gpt_interventions.cli import field, parse_config
-from gpt_interventions.device import autocast, peak_flops, set_tf32, setup_dist, teardown_dist
+from gpt_interventions.device import autocast, peak_flops, set_deterministic, set_tf32, setup_dist, teardown_dist
 from gpt_interventions.errors import UsageError, run_main
 from gpt_interventions.evaluation import evaluate
 from gpt_interventions.loader import TrainLoader, eval_windows
@@ -80,6 +80,7 @@ def main(argv):
 def bench(mc, tc, bc, d, tmp):
     plan = make_plan(mc, tc, d.world_size)
     set_tf32(tc.tf32)
+    set_deterministic(tc.deterministic, d.device_type, tc.compile)
     # random tokens: a chunk per step, so the timed steps read the shard as a run would
     n = plan.tokens_per_step * (bc.warmup + bc.steps + 3) + 1
     tokens = np.random.default_rng(0).integers(0, mc.vocab_size, n, dtype=np.int64).astype(np.uint16)

@@ -1,13 +1,17 @@
 """Compare runs: test losses, deltas from a baseline, the run-to-run noise, and verdicts.
 
-    python compare.py out/base-* out/gc-* [--baseline=RUN] [--markdown] [--usd_per_hour=2.5]
-                      [--charts=DIR] [--noise_from=RUN] [--reference=gpt2 [--ledger=results.jsonl]]
+    python compare.py out/base-* out/gc-* [--baseline=RUN] [--markdown] [--json] [--usd_per_hour=2.5]
+                      [--charts=DIR] [--noise_from=RUN | --noise_std=0.0017] [--correction=holm]
+                      [--reference=gpt2 [--ledger=results.jsonl]] [--results=FILE]
 
 A run's interventions are its config's differences from the baseline's. Runs whose configs differ
 only in seed or data_seed form a replicate group (mean, std, n); each group's delta from the
-baseline group gets a 95% interval and a verdict from the test its sample sizes allow (gpt_interventions/stats.py).
---reference adds models scored by eval.py (original GPT-2 weights, say) from its results ledger,
-on the runs' dataset, test tokens and context length, with their delta from the baseline.
+baseline group gets a 95% interval, a p-value and a verdict from the test its runs allow: paired t
+when the two groups hold the same seeds, else Welch's t or a bootstrap, or for a single run a t
+or z with another group's std or a given one (gpt_interventions/verdicts.py, stats.py). The
+verdicts of one table are corrected as a family (Holm by default), so that ten comparisons keep a
+5% chance of any false "better" or "worse". --results adds runs made elsewhere (CSV or JSONL);
+--reference adds models scored by eval.py (original GPT-2 weights, say) from its results ledger.
 """
 
 import json
@@ -15,21 +19,28 @@ from dataclasses import dataclass
 
 from gpt_interventions.cli import field, parse_config
 from gpt_interventions.errors import UsageError, run_main
-from gpt_interventions.results import diff, find, group_runs, load_runs
-from gpt_interventions.stats import compare, summary
+from gpt_interventions.results import diff, find, group_runs, import_results, load_runs
+from gpt_interventions.stats import CORRECTIONS, summary
 from gpt_interventions.tables import table
+from gpt_interventions.verdicts import judge, noise_sources
 
-USAGE = "RUN_DIR_OR_GLOB... [--key=value ...]"
+USAGE = "RUN_DIR_OR_GLOB... [--key=value ...]   (or --results=FILE)"
 
 
 @dataclass
 class CompareConfig:
     baseline: str = field("", "baseline run (its name or directory); default: the first run given")
     markdown: bool = field(False, "print Markdown tables, ready to paste into interventions.md")
+    json: bool = field(False, "print one JSON object (runs, groups with their tests, noise) instead of tables")
     usd_per_hour: float = field(0.0, "price of one GPU-hour: adds a cost column; 0: no cost column")
     charts: str = field("", "also draw the runs' curves on shared axes as PNG files in this directory")
+    correction: str = field("holm", "family-wise correction of the table's verdicts", choices=CORRECTIONS)
     noise_from: str = field("", "a run whose replicate group's std judges groups without replicates; "
                                 "default: the baseline's group")
+    noise_std: float = field(0.0, "a known run-to-run std of the test loss that judges groups without "
+                                  "replicates (a z test); 0: measured, as --noise_from")
+    results: str = field("", "runs made elsewhere: a CSV or JSONL file with run, test_loss and config "
+                             "columns (e.g. assets/story/results.csv)")
     reference: str = field("", "models scored by eval.py to list beside the runs, comma-separated, named "
                                "as eval.py was given them (e.g. gpt2): each one's latest matching test row "
                                "in --ledger")
@@ -54,7 +65,7 @@ def load_references(specs, ledger, runs):
         raise UsageError("--reference needs runs on one dataset and block_size; these have "
                          f"{sorted(datasets)} and {sorted(blocks)}")
     dataset, block = datasets.pop(), blocks.pop()
-    budgets = {r.test_tokens for r in runs if r.source == "test"}
+    budgets = {r.test_tokens for r in runs if r.source == "test" and r.test_tokens is not None}
     try:
         with open(ledger) as f:
             rows = [json.loads(line) for line in f if line.strip()]
@@ -109,23 +120,76 @@ def run_table(runs, baseline, base_mean, cc, refs=()):
     return table(headers, rows, cc.markdown)
 
 
-def group_table(groups, noise, cc):
-    headers = ["group", "interventions", "n", "mean", "std", "delta", "95% interval", "verdict", "test"]
-    base = groups[0].losses
-    rows = []
-    for g in groups:
-        if not g.losses:
+def verdict_text(c):
+    """The verdict, naming the correction it was read after."""
+    if c.p is None or c.correction == "none":
+        return c.verdict
+    return f"{c.verdict} ({c.correction})"
+
+
+def group_table(rows, cc):
+    headers = ["group", "interventions", "n", "mean", "std", "delta", "95% interval", "p", "p adj.",
+               "verdict", "test"]
+    out = []
+    for r in rows:
+        std = f"{r.std:.6f}" if r.std is not None else "n/a"
+        head = [r.group.runs[0].name + (f" +{r.n - 1}" if r.n > 1 else ""), r.group.label, str(r.n),
+                f"{r.mean:.6f}", std]
+        c = r.comparison
+        if c is None:
+            out.append(head + ["", "", "", "", "baseline", ""])
             continue
-        mean, std, n = summary(g.losses)
-        std_s = f"{std:.6f}" if std is not None else "n/a"
-        head = [g.runs[0].name + (f" +{n - 1}" if n > 1 else ""), g.label, str(n), f"{mean:.6f}", std_s]
-        if g is groups[0]:
-            rows.append(head + ["", "", "baseline", ""])
-            continue
-        c = compare(g.losses, base, noise)
         interval = f"[{c.low:+.6f}, {c.high:+.6f}]" if c.low is not None else "n/a"
-        rows.append(head + [f"{c.delta:+.6f}", interval, c.verdict, c.test])
-    return table(headers, rows, cc.markdown)
+        p = f"{c.p:.2g}" if c.p is not None else "n/a"
+        p_adj = f"{c.p_adjusted:.2g}" if c.p_adjusted is not None else "n/a"
+        out.append(head + [f"{c.delta:+.6f}", interval, p, p_adj, verdict_text(c), c.test])
+    return table(headers, out, cc.markdown)
+
+
+def noise_lines(sources, noise, rows, cc):
+    """Where the run-to-run noise comes from, what judged single runs, and what the runs can see."""
+    lines = []
+    for kind, what in (("repeats", "identical configs and seeds: the hardware"),
+                       ("seeds", "other seeds: initial weights and dropout"), ("data order", "other data_seed")):
+        if kind in sources:
+            std, df = sources[kind]
+            zero = " (zero: no noise estimate from these)" if std == 0 else ""
+            lines.append(f"noise: {kind} ({what}) std {std:.6f}, df {df}{zero}")
+    if noise is not None:
+        lines.append(f"single runs are judged with the std {noise[0]:.6f} of {noise[2]}")
+    found = [r.detectable for r in rows if r.detectable is not None]
+    if found:
+        lines.append(f"smallest true difference these runs detect with 80% power ({cc.correction}): "
+                     f"{min(found):.6f}" + (f" to {max(found):.6f}" if max(found) > min(found) * 1.0001 else "")
+                     + "; a smaller real effect may read as within noise")
+    return lines
+
+
+def report(runs, rows, refs, base_mean, sources, noise, cc):
+    """The --json object."""
+    group_of = {id(run): r.group.label for r in rows for run in r.group.runs}
+    out_rows = []
+    for r in rows:
+        c = r.comparison
+        row = {"group": r.group.label, "run": r.group.runs[0].name, "runs": [x.name for x in r.group.runs],
+               "n": r.n, "mean": r.mean, "std": r.std, "delta": 0.0 if c is None else c.delta,
+               "ci_low": None, "ci_high": None, "p": None, "p_adjusted": None, "test": "",
+               "verdict": "baseline", "correction": cc.correction, "detectable": r.detectable}
+        if c is not None:
+            row.update(ci_low=c.low, ci_high=c.high, p=c.p, p_adjusted=c.p_adjusted, test=c.test,
+                       verdict=c.verdict, correction=c.correction, paired=c.test.startswith("paired"))
+            if c.other:
+                row["unpaired"] = {"test": c.other["unpaired_test"], "ci_low": c.other["unpaired_ci_low"],
+                                   "ci_high": c.other["unpaired_ci_high"], "p": c.other["unpaired_p"]}
+        out_rows.append(row)
+    return {"baseline": rows[0].group.runs[0].name if rows else None, "correction": cc.correction,
+            "rows": out_rows,
+            "runs": [{"run": x.name, "dir": x.dir, "group": group_of.get(id(x)), "seed": x.config.get("seed"),
+                      "data_seed": x.config.get("data_seed"), "loss": x.loss, "source": x.source} for x in runs],
+            "references": [{"name": f.name, "loss": f.loss, "delta": None if base_mean is None else f.loss - base_mean}
+                           for f in refs],
+            "noise": {k: {"std": s, "df": df} for k, (s, df) in sources.items()},
+            "noise_used": None if noise is None else {"std": noise[0], "n": noise[1], "from": noise[2]}}
 
 
 def notes(runs):
@@ -133,7 +197,7 @@ def notes(runs):
     if any(r.source == "val" for r in runs):
         out.append("(val): no test evaluation in the run's eval.json; the last validation loss stands in "
                    "(run `python eval.py RUN_DIR --dataset=...` for the test loss)")
-    budgets = {(r.config["dataset"], r.test_tokens) for r in runs if r.source == "test"}
+    budgets = {(r.config["dataset"], r.test_tokens) for r in runs if r.source == "test" and r.test_tokens}
     if len(budgets) > 1:
         out.append("warning: test losses come from different datasets or token budgets: "
                    + ", ".join(f"{d}/{t}" for d, t in sorted(budgets)))
@@ -142,32 +206,57 @@ def notes(runs):
     return out
 
 
+def pick_noise(cc, runs, groups):
+    """(std, n or None, name) that judges a group with a single run: --noise_std (known), the
+    group of --noise_from, else the baseline's group when it has replicates."""
+    if cc.noise_std and cc.noise_from:
+        raise UsageError("--noise_std and --noise_from: give one")
+    if cc.noise_std < 0:
+        raise UsageError(f"--noise_std must be positive, got {cc.noise_std}")
+    if cc.noise_std:
+        return cc.noise_std, None, f"--noise_std={cc.noise_std:g} (given)"
+    source = find(runs, cc.noise_from, "noise_from") if cc.noise_from else None
+    group = next(g for g in groups if source in g.runs) if source else groups[0]
+    if len(group.losses) >= 2:
+        return summary(group.losses)[1], len(group.losses), group.label
+    if cc.noise_from:
+        raise UsageError(f"--noise_from={cc.noise_from}: its group has {len(group.losses)} run(s); "
+                         "replicates (other seeds) are needed to measure the noise")
+    return None
+
+
 def main(argv):
     (cc,), patterns, _ = parse_config(argv, [CompareConfig], "compare.py", USAGE, max_positionals=10 ** 6)
-    if not patterns:
+    if not patterns and not cc.results:
         raise UsageError(f"which runs? usage: compare.py {USAGE}")
-    runs = load_runs(patterns)
+    runs = load_runs(patterns) if patterns else []
+    imported_refs = []
+    if cc.results:
+        imported, imported_refs = import_results(cc.results)
+        runs += imported
     baseline = find(runs, cc.baseline, "baseline") if cc.baseline else runs[0]
     groups = group_runs(runs, baseline)
-    noise = None
-    source = find(runs, cc.noise_from, "noise_from") if cc.noise_from else baseline
-    ng = next(g for g in groups if source in g.runs)
-    if len(ng.losses) >= 2:
-        noise = (summary(ng.losses)[1], len(ng.losses), ng.label)
-    elif cc.noise_from:
-        raise UsageError(f"--noise_from={cc.noise_from}: its group has {len(ng.losses)} run(s); "
-                         "replicates (other seeds) are needed to measure the noise")
+    noise = pick_noise(cc, runs, groups)
+    rows = judge(groups, noise, cc.correction)
     refs = load_references([s.strip() for s in cc.reference.split(",") if s.strip()], cc.ledger, runs)
+    refs += [Reference(name, loss, None) for name, loss in imported_refs]
     base_mean = summary(groups[0].losses)[0] if groups[0].losses else None
-    print(run_table(runs, baseline, base_mean, cc, refs))
-    print()
-    print(group_table(groups, noise, cc))
-    for line in notes(runs):
-        print(line)
+    sources = noise_sources(groups)
+    if cc.json:
+        print(json.dumps(report(runs, rows, refs, base_mean, sources, noise, cc), indent=2))
+    else:
+        print(run_table(runs, baseline, base_mean, cc, refs))
+        print()
+        print(group_table(rows, cc))
+        for line in noise_lines(sources, noise, rows, cc) + notes(runs):
+            print(line)
     if cc.charts:
         from gpt_interventions.charts import save
-        drawn = save([(r.name, r.rows, r.config.get("grad_clip", 0.0)) for r in runs], cc.charts)
-        print(f"charts: {', '.join(drawn)}")
+        label = {id(run): g.label for g in groups for run in g.runs}
+        drawn = save([(r.name, r.rows, r.config.get("grad_clip", 0.0), label[id(r)]) for r in runs if r.rows],
+                     cc.charts)
+        if not cc.json:
+            print(f"charts: {', '.join(drawn)}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,12 @@
 
     python sweep.py plan --factor grad_clip=0,3.5 --factor qkv_bias=False,True ... \\
         [--preset=config/tiny.toml] [--design=one-at-a-time|full|fractional] [--seeds=N] [--out=DIR]
+        [--effect=0.01 --noise_std=0.0017 (or --noise_from=RUNS) --hours_per_run=3 --usd_per_hour=2.5]
     sh DIR/run.sh                       # trains and evaluates every run, then compares them
     python sweep.py analyze out/NAME-* [--factor ...]
+
+With --effect, plan says how many seeds per configuration detect that effect with 80% power
+under the design and the correction in force, and what the runs cost; without --seeds it plans them.
 
 A factor is `field=low,high`; the first level is the baseline's. Fields that move together form
 one factor: --factor 'learning_rate=0.0004,0.0014 lr_schedule=constant,cosine'.
@@ -12,13 +16,15 @@ one factor: --factor 'learning_rate=0.0004,0.0014 lr_schedule=constant,cosine'.
 import math
 import os
 import shlex
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import asdict, dataclass, replace
 
-from gpt_interventions import design
+from gpt_interventions import ROOT, design, stats
 from gpt_interventions.cli import field, load_preset, parse_config
 from gpt_interventions.errors import UsageError, run_main
-from gpt_interventions.results import IGNORED, REPLICATE, load_runs
-from gpt_interventions.stats import t_quantile
+from gpt_interventions.results import IGNORED, REPLICATE, group_runs, load_runs
+from gpt_interventions.stats import CORRECTIONS, t_quantile
+from gpt_interventions.verdicts import pooled_std
 from gpt_interventions.tables import fmt, table
 from gpt_interventions.training import TrainConfig
 from model import GPTConfig
@@ -37,8 +43,16 @@ class SweepConfig:
     out: str = field("sweeps/sweep", "plan: directory for the presets and run.sh; its name prefixes the runs")
     torchrun: int = field(0, "plan: GPUs per run through torchrun; 0: plain python")
     test_tokens: int = field(0, "plan: eval.py --eval_tokens of each test loss; 0: the whole test split")
-    noise_sd: float = field(0.0, "analyze: run-to-run std when the runs hold no replicates (compare.py's std)")
-    noise_n: int = field(0, "analyze: how many runs noise_sd was measured on")
+    effect: float = field(0.0, "plan: the smallest true change of test loss to detect; prints the seeds it needs "
+                               "for 80% power (and plans them if --seeds is not given); 0: no power plan")
+    hours_per_run: float = field(0.0, "plan: wall-clock hours of one run, for GPU-hours and cost")
+    usd_per_hour: float = field(0.0, "plan: price of one GPU-hour")
+    correction: str = field("holm", "family-wise correction of the verdicts (plan: the power it needs)",
+                            choices=CORRECTIONS)
+    noise_std: float = field(0.0, "run-to-run std of the test loss: plan's power; analyze's when the runs "
+                                  "hold no replicates")
+    noise_n: int = field(0, "analyze: how many runs noise_std was measured on")
+    noise_from: str = field("", "finished runs (directories or a glob) whose replicates' pooled std is the noise")
 
 
 @dataclass
@@ -114,17 +128,26 @@ def toml_value(v):
     return repr(v) if isinstance(v, (int, float)) else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def plan(factors, sc, argv):
+def plan(factors, sc, argv, explicit):
     rows, gens = plan_rows(factors, sc)
+    power_lines = []
+    if sc.effect:
+        seeds, power_lines = power_plan(factors, rows, sc, explicit)
+        sc = replace(sc, seeds=seeds)
     base = load_preset(sc.preset) if sc.preset else {}
     base_args = [sc.preset] if sc.preset else []
     prefix = os.path.basename(os.path.normpath(sc.out))
     os.makedirs(sc.out, exist_ok=True)
-    launch = f"torchrun --standalone --nproc_per_node={sc.torchrun} " if sc.torchrun else "python "
-    script = ["#!/usr/bin/env bash", f"# {len(rows) * sc.seeds} runs, written by: python sweep.py "
-              + " ".join(map(shlex.quote, argv)),
-              "# Run from the repository root. A run with a test result already is skipped, so the",
-              "# script can be run again after a failure.", "set -euo pipefail"]
+    # POSIX sh (Debian's and Ubuntu's sh is dash), the Python that planned it (the project's venv),
+    # the scripts by absolute path, and the directory it was planned in for every relative path
+    q = shlex.quote
+    python = q(sys.executable)
+    launch = (f"{python} -m torch.distributed.run --standalone --nproc_per_node={sc.torchrun} " if sc.torchrun
+              else f"{python} ")
+    script = ["#!/bin/sh", f"# {len(rows) * sc.seeds} runs, written by: python sweep.py " + " ".join(map(q, argv)),
+              "# Run it with sh from anywhere: it works in the directory it was planned in, with the Python",
+              "# that planned it. A run with a test result already is skipped, so the script can be run",
+              "# again after a failure.", "set -eu", f"cd {q(os.getcwd())}"]
     names = []
     for i, row in enumerate(rows):
         flags = [f"--{k}={v[lvl]}" for f, lvl in zip(factors, row) for k, v in f.levels.items()]
@@ -140,17 +163,20 @@ def plan(factors, sc, argv):
                 fh.write("".join(f"{k} = {toml_value(values[k])}\n" for k in dict.fromkeys(keys)))
             run_dir = os.path.join("out", name)  # train.py's default: the preset sets no out_dir
             evals = f" --eval_tokens={sc.test_tokens}" if sc.test_tokens else ""
-            script.append(f"[ -f {run_dir}/eval.json ] || {{ {launch}train.py {path} && {launch}eval.py {run_dir} "
-                          f"--dataset={tc.dataset} --data_dir={tc.data_dir}{evals}; }}")
+            script.append(f"[ -f {q(run_dir + '/eval.json')} ] || {{ {launch}{q(os.path.join(ROOT, 'train.py'))} "
+                          f"{q(path)} && {launch}{q(os.path.join(ROOT, 'eval.py'))} {q(run_dir)} "
+                          f"--dataset={q(tc.dataset)} --data_dir={q(tc.data_dir)}{evals}; }}")
             names.append(name)
     out_root = os.path.join("out", prefix)
     factor_args = " ".join(f"--factor {shlex.quote(' '.join(f'{k}={chr(44).join(map(str, v))}' for k, v in f.levels.items()))}"
                            for f in factors)
     if any(rows[0]):  # the principal fraction of an odd k leaves the all-first-levels run out
         script.append("# the baseline configuration is not in this fraction: compare.py takes the first run as its baseline")
-    script.append(f"python compare.py '{out_root}-*' --baseline={names[0]} --charts={sc.out}/charts")
+    script.append(f"{python} {q(os.path.join(ROOT, 'compare.py'))} {q(out_root + '-*')} --baseline={names[0]} "
+                  f"--charts={q(sc.out + '/charts')} --correction={sc.correction}")
     if sc.design != "one-at-a-time":
-        script.append(f"python sweep.py analyze '{out_root}-*' {factor_args}")
+        script.append(f"{python} {q(os.path.join(ROOT, 'sweep.py'))} analyze {q(out_root + '-*')} {factor_args} "
+                      f"--correction={sc.correction}")
     with open(os.path.join(sc.out, "run.sh"), "w") as fh:
         fh.write("\n".join(script) + "\n")
     os.chmod(os.path.join(sc.out, "run.sh"), 0o755)
@@ -159,8 +185,71 @@ def plan(factors, sc, argv):
         print(f"  {design.LETTERS[j]}: {f.describe(0)}  ->  {f.describe(1) if len(f.levels[f.name]) == 2 else '...'}")
     if gens is not None:
         print(alias_report([[2 * l - 1 for l in r] for r in rows], len(factors), gens))
+    for line in power_lines + cost_lines(len(names), sc):
+        print(line)
     print(f"wrote {len(names)} presets and {os.path.join(sc.out, 'run.sh')}; run it with: sh {sc.out}/run.sh")
     return names
+
+
+def planning_noise(sc):
+    """(std, where it comes from) for the power plan: --noise_std, or the replicates of --noise_from."""
+    if sc.noise_std and sc.noise_from:
+        raise UsageError("--noise_std and --noise_from: give one")
+    if sc.noise_std > 0:
+        return sc.noise_std, "given"
+    if sc.noise_from:
+        runs = [r for r in load_runs([sc.noise_from]) if r.loss is not None]
+        pooled = pooled_std(group_runs(runs, runs[0])) if runs else None
+        if pooled is None or pooled[0] == 0:
+            raise UsageError(f"--noise_from={sc.noise_from}: no replicates with a spread among its "
+                             f"{len(runs)} run(s) to measure the noise")
+        return pooled[0], f"pooled over the replicates of {sc.noise_from}, df {pooled[1]}"
+    raise UsageError("--effect needs the run-to-run noise: --noise_std=STD (e.g. 0.0017) or --noise_from=RUNS")
+
+
+def power_plan(factors, rows, sc, explicit):
+    """(seeds per configuration, lines to print) for --effect at the design and correction in force.
+
+    One at a time: each arm against the baseline, seed by seed (the plan gives every configuration
+    the same seeds, so compare.py pairs them), the pairs' correlation taken as 0 (the worst case).
+    Two-level designs: each effect from all runs, its standard error from the design.
+    Planned at Bonferroni's alpha / m, which Holm's correction never needs more power than."""
+    sigma, where = planning_noise(sc)
+    if sc.design == "one-at-a-time":
+        m = len(rows) - 1
+        what = f"{m} arm(s) against the baseline, paired by seed"
+    else:
+        m = len(design.fit([[2 * level - 1 for level in r] for r in rows], [0.0] * len(rows)).effects)
+        what = f"{m} effects of {len(rows)} configurations"
+    family = m if sc.correction != "none" else 1
+
+    def achieved(s):
+        if sc.design != "one-at-a-time":
+            return design.effect_power(sc.effect, sigma, len(rows), s, family, m)
+        return stats.power(sc.effect, *stats.comparison_se(sigma, s, "paired"), stats.ALPHA / family) if s >= 2 else None
+
+    need = next(((s, p) for s in range(1, 1001) if (p := achieved(s)) is not None and p >= stats.POWER), None)
+    lines = [f"power: a true effect of {sc.effect:g} at run-to-run std {sigma:.6f} ({where}); {what}, "
+             f"{sc.correction} over {family}"]
+    if need is None:
+        raise UsageError(f"--effect={sc.effect:g} at std {sigma:g} needs more than 1000 seeds per configuration")
+    lines.append(f"  {need[0]} seed(s) per configuration give {need[1]:.0%} power "
+                 f"({need[0] * len(rows)} runs)")
+    seeds = sc.seeds if "seeds" in explicit else need[0]
+    if "seeds" in explicit and sc.seeds < need[0]:
+        p = achieved(sc.seeds)
+        lines.append(f"  this plan's --seeds={sc.seeds} gives {p:.0%} power" if p is not None else
+                     f"  this plan's --seeds={sc.seeds} leaves no df to measure the noise")
+    return seeds, lines
+
+
+def cost_lines(runs, sc):
+    if not sc.hours_per_run:
+        return []
+    gpus = max(sc.torchrun, 1)
+    hours = runs * sc.hours_per_run * gpus
+    cost = f" = ${hours * sc.usd_per_hour:,.0f} at ${sc.usd_per_hour:g}/GPU-hour" if sc.usd_per_hour else ""
+    return [f"cost: {runs} runs x {sc.hours_per_run:g} h x {gpus} GPU(s) = {hours:,.1f} GPU-hours{cost}"]
 
 
 def alias_report(X, k, gens=()):
@@ -210,20 +299,32 @@ def analyze(patterns, factors, sc):
     print(f"{len(runs)} runs, {len(set(map(tuple, X)))} distinct configurations, losses: {'/'.join(sorted(sources))}")
     for j, f in enumerate(factors):
         print(f"  {design.LETTERS[j]}: {f.describe(0)}  ->  {f.describe(1)}")
-    fit = design.fit(X, [r.loss for r in runs], sc.noise_sd, sc.noise_n)
+    noise_std, noise_n = sc.noise_std, sc.noise_n
+    if sc.noise_from:
+        std, where = planning_noise(sc)
+        noise_std, noise_n = std, int(where.rsplit("df ", 1)[1]) + 1
+    fit = design.fit(X, [r.loss for r in runs], noise_std, noise_n)
     print(alias_report(X, k))
     if fit.confounded:
         print("not estimable (confounded with a mix of fitted effects): " + ", ".join(fit.confounded))
     print(f"noise: {fit.noise}" + (f", std {fit.sigma:.6f}" if fit.sigma is not None else ""))
     q = t_quantile(0.975, fit.df) if fit.df else None
+    tests = [stats.Comparison(e.estimate, None, None, None, "") if e.se is None else
+             stats.Comparison(e.estimate, e.estimate - q * e.se, e.estimate + q * e.se,
+                              float(2 * stats.sp.t.sf(abs(e.estimate) / e.se, fit.df)), "t", e.se, fit.df)
+             for e in fit.effects]
+    stats.adjust(tests, sc.correction)
     rows = []
-    for e in fit.effects:
-        what = " x ".join(factors[design.LETTERS.index(c)].name for c in e.name)
+    for e, c in zip(fit.effects, tests):
+        what = " x ".join(factors[design.LETTERS.index(ch)].name for ch in e.name)
         se = f"{e.se:.6f}" if e.se is not None else "n/a"
-        ci = f"[{e.estimate - q * e.se:+.6f}, {e.estimate + q * e.se:+.6f}]" if e.se is not None else "n/a"
-        rows.append([e.name, what, f"{e.estimate:+.6f}", se, ci, ", ".join(e.aliases) or "-"])
-    print(table(["effect", "factors", "estimate", "SE", "95% interval", "aliased with"], rows, False))
-    print("(an effect is the mean loss at the second level minus at the first; negative helps)")
+        ci = f"[{c.low:+.6f}, {c.high:+.6f}]" if c.low is not None else "n/a"
+        p = (f"{c.p:.2g}", f"{c.p_adjusted:.2g}") if c.p is not None else ("n/a", "n/a")
+        rows.append([e.name, what, f"{e.estimate:+.6f}", se, ci, *p, c.verdict, ", ".join(e.aliases) or "-"])
+    print(table(["effect", "factors", "estimate", "SE", "95% interval", "p", f"p ({sc.correction})", "verdict",
+                 "aliased with"], rows, False))
+    print("(an effect is the mean loss at the second level minus at the first; negative helps; verdicts "
+          f"corrected ({sc.correction}) over the {sum(c.p is not None for c in tests)} effects)")
     x = design.best(fit, k)
     mean, half = design.predict(fit, x)
     combo = "; ".join(f.describe((v + 1) // 2) for f, v in zip(factors, x))
@@ -234,7 +335,7 @@ def analyze(patterns, factors, sc):
 
 def main(argv):
     specs, rest = split_factors(argv)
-    (sc,), positionals, _ = parse_config(rest, [SweepConfig], "sweep.py", USAGE, max_positionals=10 ** 6)
+    (sc,), positionals, explicit = parse_config(rest, [SweepConfig], "sweep.py", USAGE, max_positionals=10 ** 6)
     if not positionals or positionals[0] not in ("plan", "analyze"):
         raise UsageError(f"usage: sweep.py {USAGE}")
     factors = [parse_factor(s) for s in specs]
@@ -243,7 +344,9 @@ def main(argv):
             raise UsageError("plan takes --factor FIELD=A,B (at least one) and no other arguments")
         if sc.seeds < 1 or sc.torchrun < 0:
             raise UsageError("--seeds must be >= 1 and --torchrun >= 0")
-        return plan(factors, sc, argv)
+        if sc.effect < 0 or sc.hours_per_run < 0 or sc.usd_per_hour < 0:
+            raise UsageError("--effect, --hours_per_run and --usd_per_hour must be 0 or more")
+        return plan(factors, sc, argv, explicit)
     if len(positionals) < 2:
         raise UsageError("analyze takes run directories or globs, e.g. 'out/sweep-*'")
     return analyze(positionals[1:], factors, sc)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from gpt_interventions.atomic import write_json
 from gpt_interventions.checkpoint import CHECKPOINT_VERSION, load_checkpoint, model_config_of, save_checkpoint
 from gpt_interventions.cli import parse_config
-from gpt_interventions.device import Dist, autocast, peak_flops, set_tf32, setup_dist, teardown_dist
+from gpt_interventions.device import Dist, autocast, peak_flops, set_deterministic, set_tf32, setup_dist, teardown_dist
 from gpt_interventions.errors import RunError, UsageError, run_main
 from gpt_interventions.evaluation import evaluate
 from gpt_interventions.loader import TrainLoader, eval_windows, read_windows
@@ -149,6 +149,7 @@ class Training:
 def train(mc, tc, ckpt, d, stop):
     plan = make_plan(mc, tc, d.world_size)
     set_tf32(tc.tf32)
+    set_deterministic(tc.deterministic, d.device_type, tc.compile)
     start = ckpt["step"] if ckpt else 0
     shards = find_shards(tc.data_dir, tc.dataset, "train")
     loader = TrainLoader(shards, plan.tokens_per_step, tc.batch_size, mc.block_size, plan.accum,

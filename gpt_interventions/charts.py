@@ -37,7 +37,11 @@ def _series(rows, key):
 
 
 def draw(runs):
-    """One matplotlib Figure per chart in CHARTS for runs = [(name, rows, grad_clip), ...]."""
+    """One matplotlib Figure per chart in CHARTS for runs = [(name, rows, grad_clip[, group]), ...].
+
+    Runs of one replicate group (the same configuration, other seeds) share a colour: each run a
+    thin line, the group's mean a line and its min-max spread a band, so that two configurations
+    that separate beyond their seeds' spread are seen to at a glance."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -47,8 +51,15 @@ def draw(runs):
         fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
         figs[chart] = (fig, ax)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (name, rows, clip) in enumerate(runs):
+    groups = {}
+    for name, rows, clip, *group in runs:
+        groups.setdefault(group[0] if group else name, []).append((name, rows, clip))
+    for i, (group, members) in enumerate(groups.items()):
         c = colors[i % len(colors)]
+        if len(members) > 1:
+            _draw_group(figs, group, members, c)
+            continue
+        name, rows, clip = members[0]
         x, y = _series(rows, "loss")
         ax = figs["train_loss"][1]
         ax.plot(x, y, color=c, alpha=0.3, linewidth=0.8, label=f"{name} (raw)")
@@ -68,6 +79,33 @@ def draw(runs):
                         label=f"{name} clipped steps ({len(hits)} logged)")
         x, y = _series(rows, "tok_per_s")
         figs["tok_per_s"][1].plot(x, y, color=c, label=name)
+    _decorate(figs)
+    return {chart: fig for chart, (fig, _) in figs.items()}
+
+
+def _draw_group(figs, group, members, c):
+    """Thin lines for the runs, the mean as a line and the min-max band, in one colour."""
+    n = len(members)
+    for chart, key in (("train_loss", "loss"), ("val_loss", "val_loss"), ("lr", "lr"), ("grad_norm", "grad_norm"),
+                       ("tok_per_s", "tok_per_s")):
+        ax = figs[chart][1]
+        series = [_series(rows, key) for _, rows, _ in members]
+        if key == "loss":
+            series = [(x, smooth(y)) for x, y in series]
+        for (name, _, _), (x, y) in zip(members, series):
+            ax.plot(x, y, color=c, alpha=0.35, linewidth=0.7, label=f"_{name}")  # _: not in the legend
+        xs = series[0][0]
+        if xs and all(x == xs for x, _ in series):  # the same logged steps: a band is meaningful
+            ys = [y for _, y in series]
+            ax.fill_between(xs, [min(v) for v in zip(*ys)], [max(v) for v in zip(*ys)], color=c, alpha=0.15)
+            ax.plot(xs, [sum(v) / n for v in zip(*ys)], color=c, linewidth=1.6,
+                    label=f"{group} (mean of {n} runs, band: min-max)")
+    clip = members[0][2]
+    if clip > 0:
+        figs["grad_norm"][1].axhline(clip, color=c, linestyle="--", linewidth=1, label=f"{group} clip threshold {clip:g}")
+
+
+def _decorate(figs):
     labels = {
         "train_loss": ("Train loss", "cross-entropy (nats/token)"),
         "val_loss": ("Validation loss (fixed tokens)", "cross-entropy (nats/token)"),
@@ -84,7 +122,6 @@ def draw(runs):
         if ax.get_lines():
             ax.legend(fontsize=8)
         fig.tight_layout()
-    return {chart: fig for chart, (fig, _) in figs.items()}
 
 
 def save(runs, out_dir):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpt_interventions.stats import t_quantile
+from gpt_interventions.stats import ALPHA, ZERO_SPREAD, power, t_quantile
 
 LETTERS = "ABCDEFGHJKLMNOPQRSTUVWXYZ"  # no I: it is the identity column
 
@@ -156,6 +156,9 @@ def fit(X, y, noise_sd=0.0, noise_n=0):
         sigma2, df, noise = noise_sd ** 2, noise_n - 1, f"given std {noise_sd:g} (n={noise_n})"
     else:
         sigma2, df, noise = None, 0, "none: no replicates, no residual df (plan with --seeds=2)"
+    if sigma2 is not None and math.sqrt(sigma2) <= ZERO_SPREAD * max(1.0, float(np.abs(y).max())):
+        # identical replicates (a deterministic machine): zero spread is no measurement of noise
+        sigma2, df, noise = None, 0, f"none: {noise} is zero (identical runs: plan other seeds)"
     cov = sigma2 * np.linalg.pinv(A.T @ A) if sigma2 is not None else None
     effects = []
     for i, name in enumerate(names, start=1):
@@ -179,3 +182,16 @@ def predict(f, x):
 def best(f, k):
     """The coded combination of the 2^k with the lowest predicted response."""
     return min(full(k), key=lambda x: predict(f, x)[0])
+
+
+def effect_power(effect, sigma, cells, seeds, m, fitted):
+    """Power of one effect of a two-level design with `cells` configurations x `seeds` runs each:
+    an effect is a difference of two means of N/2 runs, so its standard error is 2 sigma / sqrt(N);
+    its df is the replicates' (cells x (seeds - 1)), or with one seed the residuals' after the
+    `fitted` effects and the mean. Tested at alpha / m (Bonferroni, which Holm never needs more
+    than). None when no df is left to measure the noise."""
+    n = cells * seeds
+    df = cells * (seeds - 1) if seeds > 1 else n - 1 - fitted
+    if df <= 0:
+        return None
+    return power(effect, 2 * sigma / math.sqrt(n), df, ALPHA / max(m, 1))

@@ -110,6 +110,29 @@ def set_tf32(enabled):
     torch.backends.cudnn.conv.fp32_precision = "tf32" if enabled else "ieee"
 
 
+def set_deterministic(enabled, device_type, compiled):
+    """--deterministic: the same run gives the same bits again, where PyTorch can promise it.
+
+    On CUDA: deterministic algorithms (an op without one raises rather than runs), cuBLAS's fixed
+    workspace (CUBLAS_WORKSPACE_CONFIG, set before the first matmul), cuDNN without autotuning, and
+    attention on the math backend (the fused backends' backward passes accumulate in a varying
+    order). torch.compile's generated kernels carry no such promise, so it is refused. On the CPU
+    PyTorch's kernels are deterministic already (on a machine under varying load, see README).
+    Speed costs on a GPU are measured in BENCHMARKS.md where a GPU was available."""
+    if not enabled:
+        return
+    if device_type == "cuda" and compiled:
+        raise UsageError("--deterministic=True cannot promise bitwise runs of compiled kernels; add --compile=False")
+    if device_type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.use_deterministic_algorithms(True)
+
+
 # peak dense tensor throughput in FLOP/s, from the vendors' data sheets (no sparsity)
 PEAK_FLOPS = {
     ("H200", "bfloat16"): 989e12, ("H100", "bfloat16"): 989e12, ("A100", "bfloat16"): 312e12,

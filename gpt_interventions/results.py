@@ -4,14 +4,19 @@ A run's interventions are its config's differences from the baseline's; runs who
 only in seed or data_seed are replicates of one configuration (a group).
 """
 
+import csv
+import dataclasses
 import glob
 import json
 import os
 from dataclasses import dataclass
 
+from gpt_interventions.checkpoint import model_config_of
+from gpt_interventions.cli import parse_config
 from gpt_interventions.errors import UsageError
 from gpt_interventions.tables import fmt
-from gpt_interventions.training import RUNTIME_FIELDS
+from gpt_interventions.training import RUNTIME_FIELDS, TrainConfig
+from model import GPTConfig
 
 IGNORED = RUNTIME_FIELDS | {"charts"}  # change how, not what, a run computes
 REPLICATE = {"seed", "data_seed"}       # differ between replicates of one configuration
@@ -50,7 +55,7 @@ def load_run(run_dir):
             rows = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError) as e:
         raise UsageError(f"{run_dir} is not a readable run directory ({e})") from None
-    config = {**meta["model"], **meta["train"]}
+    config = {**model_config_of(meta["model"]), **meta["train"]}
     name = config.get("run_name") or os.path.basename(os.path.normpath(run_dir))
     test, tokens = None, None
     eval_path = os.path.join(run_dir, "eval.json")
@@ -111,3 +116,71 @@ def group_runs(runs, baseline):
         label = diff(r.config, baseline.config) or "baseline"
         groups.setdefault(group_key(r.config), Group(label, [])).runs.append(r)
     return list(groups.values())
+
+
+def import_results(path):
+    """(runs, references) from a CSV or JSONL file of results made elsewhere: one row per run with
+    `run` (its name) and `test_loss`; every other column is a config field (seed, grad_clip, ...),
+    typed and checked as train.py's flags when it is one of ours, kept as it is otherwise. Our
+    fields a row leaves out take train.py's defaults (the story's baseline), so a row that names
+    only `grad_clip=3.5` differs from the baseline by exactly that. A true `reference` column marks
+    a model to list beside the runs (original GPT-2, say) rather than a run."""
+    rows = _read_rows(path)
+    defaults = {**dataclasses.asdict(GPTConfig()), **dataclasses.asdict(TrainConfig())}
+    ours = set(defaults)
+    runs, refs = [], []
+    for i, row in enumerate(rows, start=1):
+        where = f"{path} row {i}"
+        name, loss = row.pop("run", None), row.pop("test_loss", None)
+        if name in (None, "") or loss in (None, ""):
+            raise UsageError(f"{where}: every row needs a run name and a test_loss")
+        try:
+            loss = float(loss)
+        except (TypeError, ValueError):
+            raise UsageError(f"{where}: test_loss {loss!r} is not a number") from None
+        if _truthy(row.pop("reference", False)):
+            refs.append((str(name), loss))
+            continue
+        known = {k: v for k, v in row.items() if k in ours and v not in (None, "")}
+        try:
+            (mc, tc), _, _ = parse_config([f"--{k}={v}" for k, v in known.items()], [GPTConfig, TrainConfig],
+                                          "compare.py", "")
+        except UsageError as e:
+            raise UsageError(f"{where}: {e}") from None
+        config = {**dataclasses.asdict(mc), **dataclasses.asdict(tc), "run_name": str(name)}
+        config.update({k: _number(v) for k, v in row.items() if k not in ours and v not in (None, "")})
+        runs.append(FinishedRun(str(name), f"{path}#{name}", config, [], loss, "test", None, 1))
+    if not runs:
+        raise UsageError(f"{path} holds no runs (rows with a run and a test_loss)")
+    return runs, refs
+
+
+def _read_rows(path):
+    try:
+        with open(path, newline="") as f:
+            if path.endswith((".jsonl", ".json")):
+                rows = [json.loads(line) for line in f if line.strip()]
+            else:
+                rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise UsageError(f"--results={path} does not exist") from None
+    except (OSError, ValueError, csv.Error) as e:
+        raise UsageError(f"--results={path} is not readable CSV or JSONL ({str(e)[:120]})") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise UsageError(f"--results={path}: every JSONL line must be an object")
+    return rows
+
+
+def _truthy(value):
+    return str(value).strip().lower() in ("1", "true", "yes")
+
+
+def _number(value):
+    """A column that is not one of our fields: a number where it reads as one."""
+    if isinstance(value, str):
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    return value

@@ -1,71 +1,33 @@
-"""Small-sample statistics for comparing runs: Student t, Welch's t, a bootstrap, verdicts.
+"""Comparing groups of runs: intervals, p-values, verdicts, multiplicity, power. scipy does the
+distributions, tests and bootstrap; this module chooses the test that the sample sizes allow.
 
-No scipy: the t distribution is computed from the regularized incomplete beta function (its
-continued fraction, Numerical Recipes 6.4), which is all a 95% interval needs; tests pin the
-quantiles against published tables.
+A comparison is mean(a) - mean(b) of test losses (negative: a is better) with a 95% interval and
+a two-sided p-value. Its verdict reads the p-value after the table's family-wise correction
+(Holm by default), so a table of ten comparisons keeps its chance of any false verdict at 5%.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import stats as sp
 
 # With fewer runs per side, a bootstrap resamples too few distinct values and its percentile
-# interval comes out narrower than the truth; Welch's t is the right test for small n.
+# interval comes out narrower than the truth; a t test is the right one for small n.
 BOOTSTRAP_MIN_N = 10
 BOOTSTRAP_RESAMPLES = 10_000
 LEVEL = 0.95
-
-
-def _betacf(a, b, x):
-    """Continued fraction of the incomplete beta function (modified Lentz)."""
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def betainc(a, b, x):
-    """Regularized incomplete beta I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):  # the fraction converges fast on this side
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t, df):
-    """P(T <= t) for Student's t with df degrees of freedom (df may be fractional, as Welch's)."""
-    if math.isinf(df):
-        return 0.5 * math.erfc(-t / math.sqrt(2.0))
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t > 0 else tail
+ALPHA = 1 - LEVEL
+POWER = 0.8
+CORRECTIONS = ("holm", "bonferroni", "none")
+# a spread this small is float rounding of identical numbers (a deterministic machine's repeats),
+# not noise: it gives no noise estimate rather than an infinitely significant difference
+ZERO_SPREAD = 1e-9
 
 
 def t_quantile(p, df):
-    """The t with P(T <= t) = p, by bisection (monotone, and plenty fast for a table)."""
-    lo, hi = -1e3, 1e3
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
+    """The t with P(T <= t) = p for Student's t with df degrees of freedom (inf: the normal)."""
+    return float(sp.norm.ppf(p) if math.isinf(df) else sp.t.ppf(p, df))
 
 
 def summary(values):
@@ -76,67 +38,160 @@ def summary(values):
 
 @dataclass
 class Comparison:
-    """A run group's test loss minus the baseline's, with its 95% interval and the test used."""
+    """A group's test loss minus the baseline's: its 95% interval, p-value and the test used."""
     delta: float
     low: float | None
     high: float | None
-    test: str  # which test and which n, in words, e.g. "Welch t, n=3 vs 3, df=3.8"
+    p: float | None       # two-sided; None: no noise estimate
+    test: str             # which test and which n, in words, e.g. "Welch t, n=3 vs 3, df=3.8"
+    se: float | None = None  # standard error of delta, and the df of its test (inf: z)
+    df: float | None = None
+    p_adjusted: float | None = None  # after the table's correction (set by adjust)
+    correction: str = "none"
+    other: dict = field(default_factory=dict)  # the unpaired interval of a paired comparison
 
     @property
     def verdict(self):
-        """Lower loss is better: `better` only when the whole interval is below zero."""
-        if self.low is None:
+        """Lower loss is better: `better` or `worse` only when the corrected p is below 5%."""
+        if self.p is None:
             return "no noise estimate"
-        if self.high < 0:
-            return "better"
-        if self.low > 0:
-            return "worse"
+        p = self.p if self.p_adjusted is None else self.p_adjusted
+        if p < ALPHA:
+            return "better" if self.delta < 0 else "worse"
         return "within noise"
 
 
+def _zero(std, mean):
+    return std is None or std <= ZERO_SPREAD * max(1.0, abs(mean))
+
+
+def _from_t(delta, se, df, test):
+    """Interval and p-value of a t (df finite) or z (df inf) statistic."""
+    q = t_quantile(0.5 + LEVEL / 2, df)
+    dist = sp.norm if math.isinf(df) else sp.t(df)
+    p = float(2 * dist.sf(abs(delta) / se))
+    return Comparison(delta, delta - q * se, delta + q * se, p, test, se, df)
+
+
 def welch(a, b):
-    """Interval for mean(a) - mean(b) from Welch's t (unequal variances, Satterthwaite df)."""
-    ma, sa, na = summary(a)
-    mb, sb, nb = summary(b)
-    va, vb = sa * sa / na, sb * sb / nb
-    se = math.sqrt(va + vb)
-    if se == 0:  # identical replicates: no spread, so any difference is real
-        return Comparison(ma - mb, ma - mb, ma - mb, f"Welch t, n={na} vs {nb}, zero spread")
-    df = (va + vb) ** 2 / (va * va / (na - 1) + vb * vb / (nb - 1))
-    half = t_quantile(0.5 + LEVEL / 2, df) * se
-    return Comparison(ma - mb, ma - mb - half, ma - mb + half, f"Welch t, n={na} vs {nb}, df={df:.1f}")
+    """Welch's t for mean(a) - mean(b) (unequal variances, Satterthwaite df; scipy's ttest_ind)."""
+    (ma, sa, na), (mb, sb, nb) = summary(a), summary(b)
+    if _zero(sa, ma) and _zero(sb, mb):  # identical replicates on both sides: nothing measures noise
+        return Comparison(ma - mb, None, None, None, f"Welch t, n={na} vs {nb}, zero spread: no noise estimate")
+    r = sp.ttest_ind(a, b, equal_var=False)
+    ci = r.confidence_interval(LEVEL)
+    se = math.sqrt((sa or 0.0) ** 2 / na + (sb or 0.0) ** 2 / nb)
+    return Comparison(ma - mb, float(ci.low), float(ci.high), float(r.pvalue),
+                      f"Welch t, n={na} vs {nb}, df={r.df:.1f}", se, float(r.df))
+
+
+def paired(a, b):
+    """Paired t on the seed-by-seed differences a[i] - b[i] (scipy's ttest_rel). Runs that share a
+    seed share their initial weights and data, so their difference removes that part of the noise."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    md, sd, n = summary(d)
+    if _zero(sd, md):
+        return Comparison(md, None, None, None, f"paired t, {n} pairs, zero spread: no noise estimate")
+    r = sp.ttest_rel(a, b)
+    ci = r.confidence_interval(LEVEL)
+    return Comparison(md, float(ci.low), float(ci.high), float(r.pvalue), f"paired t, {n} pairs, df={n - 1}",
+                      sd / math.sqrt(n), n - 1)
 
 
 def with_noise(a, b, sd, noise_n, noise_name):
-    """Interval for mean(a) - mean(b) when a side lacks replicates: both sides are assumed to have
-    the run-to-run std `sd` measured on another group of `noise_n` runs (t with noise_n - 1 df)."""
+    """When a side lacks replicates: both sides are taken to have the run-to-run std `sd`, measured
+    on `noise_n` other runs (t with noise_n - 1 df), or given (noise_n None: known, a z test)."""
     (ma, _, na), (mb, _, nb) = summary(a), summary(b)
-    se = sd * math.sqrt(1 / na + 1 / nb)
-    half = t_quantile(0.5 + LEVEL / 2, noise_n - 1) * se
-    return Comparison(ma - mb, ma - mb - half, ma - mb + half,
-                      f"t with std of {noise_name} (n={noise_n}), n={na} vs {nb}")
+    if _zero(sd, ma):
+        return Comparison(ma - mb, None, None, None, f"std of {noise_name} is zero: no noise estimate")
+    df = math.inf if noise_n is None else noise_n - 1
+    what = f"z with given std {sd:g}" if noise_n is None else f"t with std of {noise_name} (n={noise_n})"
+    return _from_t(ma - mb, sd * math.sqrt(1 / na + 1 / nb), df, f"{what}, n={na} vs {nb}")
 
 
 def bootstrap(a, b, seed=0):
-    """Percentile bootstrap interval for mean(a) - mean(b), resampling each side on its own."""
-    rng = np.random.default_rng(seed)  # fixed: the same runs always print the same interval
+    """Percentile bootstrap of mean(a) - mean(b), each side resampled on its own (scipy.stats.bootstrap);
+    the p-value is twice the smaller tail of the bootstrap distribution beyond 0."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    da = rng.choice(a, (BOOTSTRAP_RESAMPLES, len(a))).mean(1)
-    db = rng.choice(b, (BOOTSTRAP_RESAMPLES, len(b))).mean(1)
-    low, high = np.quantile(da - db, [0.5 - LEVEL / 2, 0.5 + LEVEL / 2])
-    return Comparison(float(a.mean() - b.mean()), float(low), float(high),
-                      f"bootstrap ({BOOTSTRAP_RESAMPLES} resamples), n={len(a)} vs {len(b)}")
+    delta = float(a.mean() - b.mean())
+    if _zero(a.std(), a.mean()) and _zero(b.std(), b.mean()):
+        return Comparison(delta, None, None, None, f"bootstrap, n={len(a)} vs {len(b)}, zero spread: no noise estimate")
+    r = sp.bootstrap((a, b), lambda x, y, axis=-1: x.mean(axis) - y.mean(axis), n_resamples=BOOTSTRAP_RESAMPLES,
+                     confidence_level=LEVEL, method="percentile", random_state=np.random.default_rng(seed))
+    dist = r.bootstrap_distribution  # fixed seed: the same runs always print the same interval
+    p = min(1.0, 2 * min(float(np.mean(dist <= 0)), float(np.mean(dist >= 0))))
+    return Comparison(delta, float(r.confidence_interval.low), float(r.confidence_interval.high), p,
+                      f"bootstrap ({BOOTSTRAP_RESAMPLES} resamples), n={len(a)} vs {len(b)}",
+                      float(dist.std(ddof=1)), math.inf)
 
 
-def compare(a, b, noise=None):
-    """The right test for these sample sizes. `noise` = (std, n, name) from another replicate
-    group, used when a or b has a single run."""
+def compare(a, b, noise=None, pairs=False):
+    """The right test for these samples. pairs: a[i] and b[i] share a seed (paired t; the unpaired
+    interval is kept in `other`). noise = (std, n or None, name) judges a side with a single run."""
     na, nb = len(a), len(b)
+    if pairs and na == nb >= 2:
+        c = paired(a, b)
+        u = welch(a, b)
+        c.other = {"unpaired_test": u.test, "unpaired_ci_low": u.low, "unpaired_ci_high": u.high, "unpaired_p": u.p}
+        return c
     if min(na, nb) >= BOOTSTRAP_MIN_N:
         return bootstrap(a, b)
     if min(na, nb) >= 2:
         return welch(a, b)
-    delta = summary(a)[0] - summary(b)[0]
-    if noise is not None and noise[1] >= 2:
+    if noise is not None:
         return with_noise(a, b, *noise)
-    return Comparison(delta, None, None, f"n={na} vs {nb}, no replicates to measure the noise")
+    delta = summary(a)[0] - summary(b)[0]
+    return Comparison(delta, None, None, None, f"n={na} vs {nb}, no replicates to measure the noise")
+
+
+def adjust(comparisons, method="holm"):
+    """Family-wise correction over the comparisons that have a p-value: Holm's step-down (controls
+    the chance of any false verdict at 5%, and is never less powerful than Bonferroni), Bonferroni
+    (p x m), or none. Sets p_adjusted and correction on each; returns them."""
+    family = [c for c in comparisons if c.p is not None]
+    m = len(family)
+    order = sorted(family, key=lambda c: c.p)
+    running = 0.0
+    for i, c in enumerate(order):
+        if method == "holm":
+            running = max(running, min(1.0, (m - i) * c.p))  # monotone: never below a smaller p's
+            c.p_adjusted = running
+        elif method == "bonferroni":
+            c.p_adjusted = min(1.0, m * c.p)
+        else:
+            c.p_adjusted = c.p
+        c.correction = f"{method} over {m}" if method != "none" else "none"
+    return comparisons
+
+
+# ----------------------------------------------------------------------------------------------
+# power: how many runs an effect needs, and how small an effect some runs can see
+
+
+def power(effect, se, df, alpha):
+    """Chance that a two-sided test at level `alpha` rejects when the true difference is `effect`
+    and its estimate has standard error `se` (t with df degrees of freedom; inf: z)."""
+    ncp = abs(effect) / se
+    if math.isinf(df):
+        q = sp.norm.ppf(1 - alpha / 2)
+        return float(sp.norm.sf(q - ncp) + sp.norm.cdf(-q - ncp))
+    q = sp.t.ppf(1 - alpha / 2, df)
+    far = sp.nct.cdf(-q, df, ncp)  # the wrong-side tail: tiny, and scipy's nct gives nan for it at large ncp
+    return float(sp.nct.sf(q, df, ncp) + (0.0 if math.isnan(far) else far))
+
+
+def comparison_se(sd, n, design):
+    """(standard error, df) of one comparison with n runs per arm: paired arms (seeds shared, the
+    pairs' correlation taken as 0, the worst case) or independent ones (Welch, df as if equal)."""
+    se = sd * math.sqrt(2 / n)
+    return se, (n - 1 if design == "paired" else 2 * n - 2)
+
+
+def detectable(se, df, m, target=POWER):
+    """The smallest true difference detected with `target` power, at alpha / m, given the se and df."""
+    from scipy.optimize import brentq
+    alpha = ALPHA / max(m, 1)
+    hi = se
+    while power(hi, se, df, alpha) < target:
+        hi *= 2
+    return float(brentq(lambda e: power(e, se, df, alpha) - target, 0.0, hi, xtol=se * 1e-6))

@@ -7,8 +7,8 @@ seed 42, on the story's own token dataset.
 """
 
 import math
-from fractions import Fraction
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 
 from gpt_interventions.cli import field
 from gpt_interventions.errors import UsageError
@@ -49,6 +49,8 @@ class TrainConfig:
                        choices=("float32", "bfloat16", "float16"))
     tf32: bool = field(True, "TF32 matmuls for float32 work on Ampere+ GPUs")
     compile: bool = field(True, "torch.compile the model")
+    deterministic: bool = field(False, "bitwise reproducible GPU runs where PyTorch can (deterministic "
+                                "algorithms, cuBLAS workspace, math attention; needs --compile=False), at a cost")
     device: str = field("auto", "auto, cpu, cuda or cuda:N")
     seed: int = field(42, "seed of the initial weights and of dropout")
     nonfinite: str = field("stop", "on a non-finite loss or gradient: stop the run, or skip the step",
@@ -73,7 +75,7 @@ FRACTIONS = {"dropout", "beta1", "beta2"}  # in [0, 1)
 RUNTIME_FIELDS = {"resume", "out_dir", "run_name", "data_dir", "batch_size",
                   "gradient_accumulation_steps", "compile", "device", "log_interval",
                   "eval_interval", "eval_batch_size", "checkpoint_interval", "keep_checkpoints",
-                  "nonfinite", "charts", "dry_run"}
+                  "nonfinite", "charts", "dry_run", "deterministic"}
 # max_iters/max_tokens are not among them: the cosine schedule of the remaining steps depends on them.
 
 

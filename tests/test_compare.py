@@ -11,7 +11,7 @@ import eval as eval_script
 import train
 from gpt_interventions import charts, stats
 from gpt_interventions.errors import UsageError
-from helpers import cli, fake_run, make_shards, snapshot, tiny_flags
+from helpers import ROOT, cli, fake_run, make_shards, snapshot, tiny_flags
 
 
 @pytest.mark.parametrize("df, q", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (5, 2.5706), (10, 2.2281),
@@ -37,15 +37,15 @@ def test_bootstrap_once_n_allows():
     assert c.low < -0.1 < c.high
 
 
-def replicates(root, prefix, mean, spread, **config):
+def replicates(root, prefix, mean, spread, first_seed=42, **config):
     for i, eps in enumerate((-spread, 0.0, spread)):
-        fake_run(root, f"{prefix}-s{i}", mean + eps, seed=42 + i, **config)
+        fake_run(root, f"{prefix}-s{i}", mean + eps, seed=first_seed + i, **config)
 
 
 @pytest.mark.parametrize("spread, verdict", [(0.03, "within noise"), (0.01, "within noise"), (0.002, "better")])
 def test_verdict_flips_to_better_as_the_replicate_spread_shrinks(tmp_path, capsys, spread, verdict):
     replicates(tmp_path, "base", 3.700, spread)
-    replicates(tmp_path, "gc", 3.690, spread, grad_clip=3.5)
+    replicates(tmp_path, "gc", 3.690, spread, first_seed=52, grad_clip=3.5)  # other seeds: unpaired
     compare.main([str(tmp_path / "base-*"), str(tmp_path / "gc-*")])
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("gc-s0 +2"))
@@ -186,3 +186,81 @@ def test_reference_of_a_run_exported_to_hugging_face_scores_as_the_run(real_runs
     compare.main([*real_runs, f"--reference={hf}", f"--ledger={ledger}"])
     row = capsys.readouterr().out.splitlines()[3].split()
     assert row[0] == str(hf) and row[-1] == "+0.000000"
+
+
+def test_json_rows_paired_and_corrected(tmp_path, capsys):
+    seeds = {42: 0.02, 43: -0.015, 44: 0.004}
+    for s, e in seeds.items():
+        fake_run(tmp_path, f"base-s{s}", 3.70 + e, seed=s)
+        fake_run(tmp_path, f"gc-s{s}", 3.695 + e + 0.0003 * (s - 43), seed=s, grad_clip=3.5)  # paired by seed
+    fake_run(tmp_path, "qkv", 3.60, qkv_bias=True)  # one run: judged with the baseline's std
+    compare.main([str(tmp_path / "base-*"), str(tmp_path / "gc-*"), str(tmp_path / "qkv"), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["correction"] == "holm" and out["baseline"] == "base-s42"
+    base, gc, qkv = out["rows"]
+    for row in out["rows"]:
+        assert {"run", "group", "n", "mean", "delta", "ci_low", "ci_high", "p", "p_adjusted", "test", "verdict"} <= set(row)
+    assert base["verdict"] == "baseline" and base["n"] == 3
+    assert gc["paired"] and gc["test"].startswith("paired t, 3 pairs") and gc["verdict"] == "better"
+    assert gc["unpaired"]["test"].startswith("Welch") and gc["unpaired"]["ci_high"] > 0 > gc["ci_high"]
+    assert qkv["test"].startswith("t with std of baseline (n=3)") and not qkv.get("paired")
+    assert gc["p_adjusted"] == pytest.approx(min(1, 2 * gc["p"])) or gc["p_adjusted"] == pytest.approx(
+        max(2 * min(gc["p"], qkv["p"]), gc["p"]))  # Holm over the family of 2
+    assert gc["correction"] == "holm over 2" and gc["detectable"] > 0
+
+
+def test_the_storys_table_imported_judged_at_an_assumed_noise(capsys):
+    table = os.path.join(ROOT, "assets", "story", "results.csv")
+    compare.main([f"--results={table}", "--noise_std=0.0017", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["run"]: r for r in out["rows"]}
+    assert len(rows) == 10 and rows["baseline"]["verdict"] == "baseline"
+    assert rows["gradient-clipping"]["delta"] == pytest.approx(-0.013209, abs=1e-9)
+    assert rows["stacked-interventions-1"]["group"] == ("dropout=0, learning_rate=0.0014, lr_schedule=story, "
+                                                        "warmup_frac=0.05, min_lr=0.00014, weight_decay=0.01, grad_clip=3.5")
+    assert out["references"] == [{"name": "GPT-2 small (original weights)", "loss": 3.5,
+                                  "delta": pytest.approx(-0.191526)}]
+    # at the speedrun's noise (0.0017 per run) every reported difference is beyond chance, Holm over 9
+    assert all(r["verdict"] in ("better", "worse") and r["correction"] == "holm over 9" for r in out["rows"][1:])
+    compare.main([f"--results={table}", "--noise_std=0.01", "--json"])  # at 0.01, the small gains are not
+    rows = {r["run"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert rows["gradient-clipping"]["verdict"] == rows["no-amp"]["verdict"] == "within noise"
+    assert rows["weight-tying"]["verdict"] == "worse" and rows["stacked-interventions-1"]["verdict"] == "better"
+
+
+def test_bad_results_files_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "r.csv"
+    for text, message in (("run,test_loss\nbase,3.7\nclip,\n", "row 2: every row needs a run name and a test_loss"),
+                          ("run,test_loss,grad_clip\nbase,3.7,\nclip,3.6,abc\n", "row 2: --grad_clip expects float"),
+                          ("run,test_loss\nbase,x\n", "test_loss 'x' is not a number")):
+        bad.write_text(text)
+        code, err = cli(compare.main, [f"--results={bad}"], capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_identical_repeats_report_zero_noise_and_no_verdict(tmp_path, capsys):
+    for i in range(3):  # a deterministic machine: the same seed gives the same loss
+        fake_run(tmp_path, f"base-r{i}", 3.70)
+        fake_run(tmp_path, f"gc-r{i}", 3.69, grad_clip=3.5)
+    compare.main([str(tmp_path / "base-*"), str(tmp_path / "gc-*")])
+    out = capsys.readouterr().out
+    assert "noise: repeats (identical configs and seeds: the hardware) std 0.000000, df 4 (zero" in out
+    row = next(line for line in out.splitlines() if line.startswith("gc-r0 +2"))
+    assert "no noise estimate" in row and "better" not in row
+
+
+def test_charts_draw_a_group_in_one_colour_with_its_spread(tmp_path, capsys):
+    rows = lambda shift: [{"step": s, "tokens": 100 * s, "loss": 5.0 - 0.1 * s + shift, "lr": 1e-3,
+                           "grad_norm": 1.0, "tok_per_s": 1e4} for s in range(1, 6)] + \
+        [{"step": 5, "tokens": 500, "val_loss": 4.6 + shift}]
+    for s, shift in ((42, 0.0), (43, 0.02)):
+        fake_run(tmp_path, f"base-s{s}", 3.70 + shift, rows=rows(shift), seed=s)
+    fake_run(tmp_path, "gc", 3.6, rows=rows(-0.1), grad_clip=3.5)
+    compare.main([str(tmp_path / "base-*"), str(tmp_path / "gc"), f"--charts={tmp_path / 'charts'}"])
+    drawn = capsys.readouterr().out.splitlines()[-1]
+    assert drawn.startswith("charts: ")
+    labels = charts.save([charts.read_run(str(tmp_path / d)) + (g,) for d, g in
+                          (("base-s42", "baseline"), ("base-s43", "baseline"), ("gc", "grad_clip=3.5"))],
+                         str(tmp_path / "again"))
+    val = labels[str(tmp_path / "again" / "val_loss.png")]
+    assert val == ["_base-s42", "_base-s43", "baseline (mean of 2 runs, band: min-max)", "gc"]  # a lone run: its name

@@ -1,16 +1,18 @@
 """sweep.py and design.py: designs, their alias structure, and effects recovered from known answers."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import sweep
-from gpt_interventions import design
+from gpt_interventions import design, stats
 from gpt_interventions.cli import parse_config
 from gpt_interventions.errors import UsageError
 from gpt_interventions.training import TrainConfig
-from helpers import ROOT, fake_run
+from helpers import ROOT, fake_run, make_shards
 from model import GPTConfig
 
 FIVE = ["grad_clip=0,3.5", "qkv_bias=False,True", "weight_decay=0.1,0.01", "dropout=0.1,0",
@@ -98,15 +100,17 @@ def test_plan_writes_presets_train_accepts_and_a_script(tmp_path, capsys):
     assert len(set(configs)) == 16 and ("cosine" in configs[0]) and configs[0][4] == 0.0014
     script = (out / "run.sh").read_text().splitlines()
     trains = [line for line in script if "train.py" in line]
-    assert len(trains) == 32 and f"python train.py {out}/{names[0]}.toml" in trains[0]
-    assert any(line.startswith("python sweep.py analyze 'out/sw-*'") for line in script)
+    assert len(trains) == 32 and f"{sys.executable} {ROOT}/train.py {out}/{names[0]}.toml" in trains[0]
+    assert script[0] == "#!/bin/sh" and "set -eu" in script and f"cd {os.getcwd()}" in script
+    assert any(line.startswith(f"{sys.executable} {ROOT}/sweep.py analyze 'out/sw-*'") for line in script)
 
 
 def test_one_at_a_time_plan_and_torchrun(tmp_path, capsys):
     out, names = run_plan(tmp_path, "--torchrun=8")
     assert names == ["sw-00-baseline", "sw-01-grad_clip3.5", "sw-02-qkv_biasTrue", "sw-03-weight_decay0.01",
                      "sw-04-dropout0", "sw-05-learning_rate0.0014"]
-    assert "torchrun --standalone --nproc_per_node=8 train.py" in (out / "run.sh").read_text()
+    assert f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node=8 {ROOT}/train.py" \
+        in (out / "run.sh").read_text()
 
 
 def test_analyze_recovers_the_effects_from_run_directories(tmp_path, capsys):
@@ -124,6 +128,10 @@ def test_analyze_recovers_the_effects_from_run_directories(tmp_path, capsys):
     assert got["C"].estimate == pytest.approx(-0.048) and got["CE"].estimate == pytest.approx(0.020)
     assert got["C"].se == pytest.approx(2 * 0.002 * np.sqrt(2) / np.sqrt(32))
     assert "predicted best: grad_clip=3.5; qkv_bias=True; weight_decay=0.01; dropout=0.1; learning_rate=0.0014" in out
+    # verdicts, corrected over the 15 effects: the real ones stand, the zero ones do not
+    verdict = {line.split()[0]: line for line in out.splitlines() if line[:3].strip() in got}
+    assert "worse" in verdict["CE"] and "better" in verdict["C"] and "within noise" in verdict["AC"]
+    assert "verdicts corrected (holm) over the 15 effects" in out
     # without --factor the factors are inferred in field order, low = the smaller value, and the
     # learning-rate fields move together as one factor
     sweep.main(["analyze", str(tmp_path / "r*")])
@@ -153,3 +161,53 @@ def test_one_at_a_time_cannot_estimate_interactions(tmp_path, capsys):
 def test_bad_input_is_a_usage_error(args, message, tmp_path):
     with pytest.raises(UsageError, match=message):
         sweep.main([*args, f"--out={tmp_path / 'x'}"])
+
+
+def test_power_plan_seeds_runs_and_cost(tmp_path, capsys):
+    # a 2^(5-1) design: an effect is the difference of two means of N/2 runs, SE = 2 sigma / sqrt(N);
+    # 15 effects (resolution V), tested at 0.05 / 15; replicates give 16 x (seeds - 1) df
+    out, names = run_plan(tmp_path, "--design=fractional", "--effect=0.005", "--noise_std=0.0017",
+                          "--hours_per_run=3", "--usd_per_hour=2.5", "--torchrun=8")
+    printed = capsys.readouterr().out
+    want = next(s for s in range(2, 50) if stats.power(0.005, 2 * 0.0017 / np.sqrt(16 * s), 16 * (s - 1), 0.05 / 15) >= 0.8)
+    power = stats.power(0.005, 2 * 0.0017 / np.sqrt(16 * want), 16 * (want - 1), 0.05 / 15)
+    assert "15 effects of 16 configurations, holm over 15" in printed
+    assert f"{want} seed(s) per configuration give {power:.0%} power ({16 * want} runs)" in printed
+    assert len(names) == 16 * want  # planned with the seeds it needs
+    assert f"cost: {16 * want} runs x 3 h x 8 GPU(s) = {16 * want * 24:,.1f} GPU-hours = ${16 * want * 60:,.0f}" in printed
+    # an explicit --seeds is kept, and the plan says what it buys
+    run_plan(tmp_path / "two", "--design=fractional", "--effect=0.005", "--noise_std=0.0017", "--seeds=1")
+    assert "this plan's --seeds=1 leaves no df to measure the noise" in capsys.readouterr().out
+
+
+def test_power_plan_measures_the_noise_from_finished_runs(tmp_path, capsys):
+    for s, loss in ((42, 3.700), (43, 3.704), (44, 3.702)):
+        fake_run(tmp_path / "runs", f"base-s{s}", loss, seed=s)
+    run_plan(tmp_path, "--effect=0.01", f"--noise_from={tmp_path / 'runs' / '*'}")
+    assert "run-to-run std 0.002000 (pooled over the replicates of" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="needs the run-to-run noise"):
+        run_plan(tmp_path / "x", "--effect=0.01")
+
+
+@pytest.mark.slow
+def test_a_planned_sweep_runs_end_to_end_under_sh(tmp_path, monkeypatch):
+    # as a new user would: sh (dash on Debian and Ubuntu), from another directory, with a PATH
+    # whose python is not the project's; the script uses the interpreter that planned it
+    data = make_shards(tmp_path / "data")
+    preset = tmp_path / "tiny.toml"
+    preset.write_text(f"""n_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 32\nvocab_size = 256\ndropout = 0.0
+dataset = "syn"\ndata_dir = "{data}"\nbatch_size = 4\ntotal_batch_size = 128\nmax_iters = 3\nmax_tokens = 0
+dtype = "float32"\ncompile = false\ndevice = "cpu"\nlog_interval = 1\neval_interval = 3\neval_tokens = 256
+charts = false\n""")
+    monkeypatch.chdir(tmp_path)
+    sweep.main(["plan", "--factor", "grad_clip=0,0.5", "--seeds=2", f"--preset={preset}", "--out=sw"])
+    env = {**os.environ, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["sh", str(tmp_path / "sw" / "run.sh")], cwd=tmp_path / "data", env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / "out")) == ["sw-00-baseline-s42", "sw-00-baseline-s43",
+                                                    "sw-01-grad_clip0.5-s42", "sw-01-grad_clip0.5-s43"]
+    assert all(os.path.isfile(tmp_path / "out" / d / "eval.json") for d in os.listdir(tmp_path / "out"))
+    assert "paired t, 2 pairs" in done.stdout and "grad_clip=0.5" in done.stdout
+    again = subprocess.run(["sh", "sw/run.sh"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "starting" not in again.stdout  # finished runs are skipped

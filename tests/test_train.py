@@ -215,3 +215,16 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_p
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "non-finite loss or gradient at step 8" in err and "is kept" in err
     assert load_checkpoint(str(tmp_path / "nan" / "ckpt.pt"))["step"] == 4
+
+
+def test_deterministic_changes_no_number_on_the_cpu_and_refuses_compiled_cuda(data_dir, tmp_path):
+    from gpt_interventions.device import set_deterministic
+    from gpt_interventions.errors import UsageError
+    try:
+        a = curve(run(data_dir, tmp_path / "a", dropout=0.1, deterministic=True))
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert a == curve(run(data_dir, tmp_path / "b", dropout=0.1))
+    with pytest.raises(UsageError, match="add --compile=False"):
+        set_deterministic(True, "cuda", compiled=True)
