@@ -15,12 +15,13 @@ verdicts of one table are corrected as a family (Holm by default), so that ten c
 """
 
 import json
+import math
 from dataclasses import dataclass
 
 from gpt_interventions.cli import field, parse_config
 from gpt_interventions.errors import UsageError, run_main
 from gpt_interventions.results import diff, find, group_runs, import_results, load_runs
-from gpt_interventions.stats import CORRECTIONS, summary
+from gpt_interventions.stats import CORRECTIONS, TESTS, format_p, summary
 from gpt_interventions.tables import table
 from gpt_interventions.verdicts import judge, noise_sources
 
@@ -35,6 +36,9 @@ class CompareConfig:
     usd_per_hour: float = field(0.0, "price of one GPU-hour: adds a cost column; 0: no cost column")
     charts: str = field("", "also draw the runs' curves on shared axes as PNG files in this directory")
     correction: str = field("holm", "family-wise correction of the table's verdicts", choices=CORRECTIONS)
+    test: str = field("auto", "auto: paired t for groups with the baseline's seeds, else Welch's t; bootstrap: "
+                      "a percentile bootstrap instead of Welch (its 95% intervals cover 91-94% at 10-30 runs)",
+                      choices=TESTS)
     noise_from: str = field("", "a run whose replicate group's std judges groups without replicates; "
                                 "default: the baseline's group")
     noise_std: float = field(0.0, "a known run-to-run std of the test loss that judges groups without "
@@ -140,9 +144,7 @@ def group_table(rows, cc):
             out.append(head + ["", "", "", "", "baseline", ""])
             continue
         interval = f"[{c.low:+.6f}, {c.high:+.6f}]" if c.low is not None else "n/a"
-        p = f"{c.p:.2g}" if c.p is not None else "n/a"
-        p_adj = f"{c.p_adjusted:.2g}" if c.p_adjusted is not None else "n/a"
-        out.append(head + [f"{c.delta:+.6f}", interval, p, p_adj, verdict_text(c), c.test])
+        out.append(head + [f"{c.delta:+.6f}", interval, format_p(c.p), format_p(c.p_adjusted), verdict_text(c), c.test])
     return table(headers, out, cc.markdown)
 
 
@@ -150,7 +152,8 @@ def noise_lines(sources, noise, rows, cc):
     """Where the run-to-run noise comes from, what judged single runs, and what the runs can see."""
     lines = []
     for kind, what in (("repeats", "identical configs and seeds: the hardware"),
-                       ("seeds", "other seeds: initial weights and dropout"), ("data order", "other data_seed")):
+                       ("seeds", "other seeds: initial weights and dropout, and the hardware"),
+                       ("data order", "other data_seed")):
         if kind in sources:
             std, df = sources[kind]
             zero = " (zero: no noise estimate from these)" if std == 0 else ""
@@ -201,8 +204,10 @@ def notes(runs):
     if len(budgets) > 1:
         out.append("warning: test losses come from different datasets or token budgets: "
                    + ", ".join(f"{d}/{t}" for d, t in sorted(budgets)))
-    if any(r.loss is None for r in runs):
+    if any(r.loss is None and r.source != "nonfinite" for r in runs):
         out.append("n/a: a run with neither a test nor a validation loss")
+    if any(r.source == "nonfinite" for r in runs):
+        out.append("n/a: a run whose loss is not finite (it diverged) is left out of the verdicts")
     return out
 
 
@@ -211,8 +216,8 @@ def pick_noise(cc, runs, groups):
     group of --noise_from, else the baseline's group when it has replicates."""
     if cc.noise_std and cc.noise_from:
         raise UsageError("--noise_std and --noise_from: give one")
-    if cc.noise_std < 0:
-        raise UsageError(f"--noise_std must be positive, got {cc.noise_std}")
+    if not (math.isfinite(cc.noise_std) and cc.noise_std >= 0):
+        raise UsageError(f"--noise_std must be a finite std (0: measure it), got {cc.noise_std}")
     if cc.noise_std:
         return cc.noise_std, None, f"--noise_std={cc.noise_std:g} (given)"
     source = find(runs, cc.noise_from, "noise_from") if cc.noise_from else None
@@ -237,7 +242,7 @@ def main(argv):
     baseline = find(runs, cc.baseline, "baseline") if cc.baseline else runs[0]
     groups = group_runs(runs, baseline)
     noise = pick_noise(cc, runs, groups)
-    rows = judge(groups, noise, cc.correction)
+    rows = judge(groups, noise, cc.correction, test=cc.test)
     refs = load_references([s.strip() for s in cc.reference.split(",") if s.strip()], cc.ledger, runs)
     refs += [Reference(name, loss, None) for name, loss in imported_refs]
     base_mean = summary(groups[0].losses)[0] if groups[0].losses else None

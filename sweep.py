@@ -51,7 +51,7 @@ class SweepConfig:
                             choices=CORRECTIONS)
     noise_std: float = field(0.0, "run-to-run std of the test loss: plan's power; analyze's when the runs "
                                   "hold no replicates")
-    noise_n: int = field(0, "analyze: how many runs noise_std was measured on")
+    noise_n: int = field(0, "analyze: how many runs noise_std was measured on; 0: a known std (z)")
     noise_from: str = field("", "finished runs (directories or a glob) whose replicates' pooled std is the noise")
 
 
@@ -163,16 +163,17 @@ def plan(factors, sc, argv, explicit):
                 fh.write("".join(f"{k} = {toml_value(values[k])}\n" for k in dict.fromkeys(keys)))
             run_dir = os.path.join("out", name)  # train.py's default: the preset sets no out_dir
             evals = f" --eval_tokens={sc.test_tokens}" if sc.test_tokens else ""
-            script.append(f"[ -f {q(run_dir + '/eval.json')} ] || {{ {launch}{q(os.path.join(ROOT, 'train.py'))} "
-                          f"{q(path)} && {launch}{q(os.path.join(ROOT, 'eval.py'))} {q(run_dir)} "
-                          f"--dataset={q(tc.dataset)} --data_dir={q(tc.data_dir)}{evals}; }}")
+            # an if-body, not an && list: under set -e a failed run stops the script there
+            script.append(f"if [ ! -f {q(run_dir + '/eval.json')} ]; then {launch}{q(os.path.join(ROOT, 'train.py'))} "
+                          f"{q(path)}; {launch}{q(os.path.join(ROOT, 'eval.py'))} {q(run_dir)} "
+                          f"--dataset={q(tc.dataset)} --data_dir={q(tc.data_dir)}{evals}; fi")
             names.append(name)
     out_root = os.path.join("out", prefix)
     factor_args = " ".join(f"--factor {shlex.quote(' '.join(f'{k}={chr(44).join(map(str, v))}' for k, v in f.levels.items()))}"
                            for f in factors)
     if any(rows[0]):  # the principal fraction of an odd k leaves the all-first-levels run out
         script.append("# the baseline configuration is not in this fraction: compare.py takes the first run as its baseline")
-    script.append(f"{python} {q(os.path.join(ROOT, 'compare.py'))} {q(out_root + '-*')} --baseline={names[0]} "
+    script.append(f"{python} {q(os.path.join(ROOT, 'compare.py'))} {q(out_root + '-*')} --baseline={q(names[0])} "
                   f"--charts={q(sc.out + '/charts')} --correction={sc.correction}")
     if sc.design != "one-at-a-time":
         script.append(f"{python} {q(os.path.join(ROOT, 'sweep.py'))} analyze {q(out_root + '-*')} {factor_args} "
@@ -191,20 +192,29 @@ def plan(factors, sc, argv, explicit):
     return names
 
 
-def planning_noise(sc):
-    """(std, where it comes from) for the power plan: --noise_std, or the replicates of --noise_from."""
+def given_noise(sc):
+    """(std, runs it was measured on or None if known, where it comes from) from --noise_std
+    (with --noise_n, measured on that many runs) or the replicates of --noise_from; None if neither."""
     if sc.noise_std and sc.noise_from:
         raise UsageError("--noise_std and --noise_from: give one")
     if sc.noise_std > 0:
-        return sc.noise_std, "given"
+        return sc.noise_std, (sc.noise_n if sc.noise_n >= 2 else None), "given"
     if sc.noise_from:
         runs = [r for r in load_runs([sc.noise_from]) if r.loss is not None]
         pooled = pooled_std(group_runs(runs, runs[0])) if runs else None
         if pooled is None or pooled[0] == 0:
             raise UsageError(f"--noise_from={sc.noise_from}: no replicates with a spread among its "
                              f"{len(runs)} run(s) to measure the noise")
-        return pooled[0], f"pooled over the replicates of {sc.noise_from}, df {pooled[1]}"
-    raise UsageError("--effect needs the run-to-run noise: --noise_std=STD (e.g. 0.0017) or --noise_from=RUNS")
+        return pooled[0], pooled[1] + 1, f"pooled over the replicates of {sc.noise_from}, df {pooled[1]}"
+    return None
+
+
+def planning_noise(sc):
+    """(std, where it comes from) for the power plan."""
+    noise = given_noise(sc)
+    if noise is None:
+        raise UsageError("--effect needs the run-to-run noise: --noise_std=STD (e.g. 0.0017) or --noise_from=RUNS")
+    return noise[0], noise[2]
 
 
 def power_plan(factors, rows, sc, explicit):
@@ -226,7 +236,7 @@ def power_plan(factors, rows, sc, explicit):
     def achieved(s):
         if sc.design != "one-at-a-time":
             return design.effect_power(sc.effect, sigma, len(rows), s, family, m)
-        return stats.power(sc.effect, *stats.comparison_se(sigma, s, "paired"), stats.ALPHA / family) if s >= 2 else None
+        return stats.paired_power(sc.effect, sigma, s, family)
 
     need = next(((s, p) for s in range(1, 1001) if (p := achieved(s)) is not None and p >= stats.POWER), None)
     lines = [f"power: a true effect of {sc.effect:g} at run-to-run std {sigma:.6f} ({where}); {what}, "
@@ -235,6 +245,8 @@ def power_plan(factors, rows, sc, explicit):
         raise UsageError(f"--effect={sc.effect:g} at std {sigma:g} needs more than 1000 seeds per configuration")
     lines.append(f"  {need[0]} seed(s) per configuration give {need[1]:.0%} power "
                  f"({need[0] * len(rows)} runs)")
+    if sc.design != "one-at-a-time":
+        lines.append(f"  standard error of an effect: 2 x std / sqrt(runs) = {2 * sigma / math.sqrt(need[0] * len(rows)):.6f}")
     seeds = sc.seeds if "seeds" in explicit else need[0]
     if "seeds" in explicit and sc.seeds < need[0]:
         p = achieved(sc.seeds)
@@ -299,11 +311,8 @@ def analyze(patterns, factors, sc):
     print(f"{len(runs)} runs, {len(set(map(tuple, X)))} distinct configurations, losses: {'/'.join(sorted(sources))}")
     for j, f in enumerate(factors):
         print(f"  {design.LETTERS[j]}: {f.describe(0)}  ->  {f.describe(1)}")
-    noise_std, noise_n = sc.noise_std, sc.noise_n
-    if sc.noise_from:
-        std, where = planning_noise(sc)
-        noise_std, noise_n = std, int(where.rsplit("df ", 1)[1]) + 1
-    fit = design.fit(X, [r.loss for r in runs], noise_std, noise_n)
+    noise = given_noise(sc)
+    fit = design.fit(X, [r.loss for r in runs], *(noise[:2] if noise else (0.0, 0)))
     print(alias_report(X, k))
     if fit.confounded:
         print("not estimable (confounded with a mix of fitted effects): " + ", ".join(fit.confounded))
@@ -311,7 +320,7 @@ def analyze(patterns, factors, sc):
     q = t_quantile(0.975, fit.df) if fit.df else None
     tests = [stats.Comparison(e.estimate, None, None, None, "") if e.se is None else
              stats.Comparison(e.estimate, e.estimate - q * e.se, e.estimate + q * e.se,
-                              float(2 * stats.sp.t.sf(abs(e.estimate) / e.se, fit.df)), "t", e.se, fit.df)
+                              stats.two_sided_p(e.estimate / e.se, fit.df), "t", e.se, fit.df)
              for e in fit.effects]
     stats.adjust(tests, sc.correction)
     rows = []
@@ -319,7 +328,7 @@ def analyze(patterns, factors, sc):
         what = " x ".join(factors[design.LETTERS.index(ch)].name for ch in e.name)
         se = f"{e.se:.6f}" if e.se is not None else "n/a"
         ci = f"[{c.low:+.6f}, {c.high:+.6f}]" if c.low is not None else "n/a"
-        p = (f"{c.p:.2g}", f"{c.p_adjusted:.2g}") if c.p is not None else ("n/a", "n/a")
+        p = (stats.format_p(c.p), stats.format_p(c.p_adjusted))
         rows.append([e.name, what, f"{e.estimate:+.6f}", se, ci, *p, c.verdict, ", ".join(e.aliases) or "-"])
     print(table(["effect", "factors", "estimate", "SE", "95% interval", "p", f"p ({sc.correction})", "verdict",
                  "aliased with"], rows, False))
@@ -344,8 +353,10 @@ def main(argv):
             raise UsageError("plan takes --factor FIELD=A,B (at least one) and no other arguments")
         if sc.seeds < 1 or sc.torchrun < 0:
             raise UsageError("--seeds must be >= 1 and --torchrun >= 0")
-        if sc.effect < 0 or sc.hours_per_run < 0 or sc.usd_per_hour < 0:
-            raise UsageError("--effect, --hours_per_run and --usd_per_hour must be 0 or more")
+        for name in ("effect", "hours_per_run", "usd_per_hour", "noise_std"):
+            value = getattr(sc, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise UsageError(f"--{name} must be a finite number, 0 or more, got {value}")
         return plan(factors, sc, argv, explicit)
     if len(positionals) < 2:
         raise UsageError("analyze takes run directories or globs, e.g. 'out/sweep-*'")

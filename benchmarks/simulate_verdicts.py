@@ -56,10 +56,15 @@ def main(argv):
         tables = simulate(cfg.tables // 10, 5, 4, effects, 0.002, 0.002, paired, seed=cfg.seed + 1)
         covered = [c.low <= e <= c.high for t in tables for c, e in zip(t, effects)]
         print(f"{'95% intervals, 5 arms x 4 runs, ' + ('paired' if paired else 'unpaired'):52} {share(covered):>18}  >= 0.94")
+    for n in (10, 20, 30):  # compare.py --test=bootstrap: why it is not the default
+        tables = simulate(max(cfg.tables // 100, 10), 5, n, effects, 0.002, 0.002, False, seed=cfg.seed + 3,
+                          test="bootstrap")
+        covered = [c.low <= e <= c.high for t in tables for c, e in zip(t, effects)]
+        print(f"{f'95% bootstrap intervals, 5 arms x {n} runs, unpaired':52} {share(covered):>18}  >= 0.94")
     for effect, sigma, arms in ((0.004, 0.0017, 4), (0.01, 0.0017, 5), (0.002, 0.0017, 2)):
         family = arms
-        n, promised = next((n, p) for n in range(2, 1000) if (p := stats.power(
-            effect, *stats.comparison_se(sigma, n, "paired"), stats.ALPHA / family)) >= stats.POWER)
+        n, promised = next((n, p) for n in range(2, 1000) if (p := stats.paired_power(effect, sigma, n, family))
+                           >= stats.POWER)
         tables = simulate(cfg.tables // 10, arms, n, [-effect] + [0.0] * (arms - 1), sigma, 0.0, True,
                           seed=cfg.seed + 2)
         found = [t[0].verdict == "better" for t in tables]

@@ -92,10 +92,12 @@ def _draw_group(figs, group, members, c):
         series = [_series(rows, key) for _, rows, _ in members]
         if key == "loss":
             series = [(x, smooth(y)) for x, y in series]
-        for (name, _, _), (x, y) in zip(members, series):
-            ax.plot(x, y, color=c, alpha=0.35, linewidth=0.7, label=f"_{name}")  # _: not in the legend
         xs = series[0][0]
-        if xs and all(x == xs for x, _ in series):  # the same logged steps: a band is meaningful
+        band = bool(xs) and all(x == xs for x, _ in series)  # the same logged steps: a band is meaningful
+        for i, ((name, _, _), (x, y)) in enumerate(zip(members, series)):
+            label = f"_{name}" if band or i else f"{group} ({n} runs)"  # _: not in the legend
+            ax.plot(x, y, color=c, alpha=0.35, linewidth=0.7, label=label)
+        if band:
             ys = [y for _, y in series]
             ax.fill_between(xs, [min(v) for v in zip(*ys)], [max(v) for v in zip(*ys)], color=c, alpha=0.15)
             ax.plot(xs, [sum(v) / n for v in zip(*ys)], color=c, linewidth=1.6,

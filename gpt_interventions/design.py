@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpt_interventions.stats import ALPHA, ZERO_SPREAD, power, t_quantile
+from gpt_interventions.stats import ALPHA, power, t_quantile, zero_spread
 
 LETTERS = "ABCDEFGHJKLMNOPQRSTUVWXYZ"  # no I: it is the identity column
 
@@ -116,12 +116,13 @@ class Fit:
     confounded: list     # effects not estimable, beyond the alias chains
 
 
-def fit(X, y, noise_sd=0.0, noise_n=0):
+def fit(X, y, noise_sd=0.0, noise_n=None):
     """Least squares on the main effects and the two-factor interactions the design can estimate.
 
     Of effects aliased with each other only the first is fitted (its estimate is the sum of the
     chain). The noise: replicate runs of the same cell first, else the model's residuals, else a
-    given std (noise_sd from noise_n runs); without any, standard errors are None.
+    given std (noise_sd measured on noise_n runs, or known if noise_n is None); without any,
+    standard errors are None.
     """
     X, y = np.asarray(X), np.asarray(y, dtype=np.float64)
     words = defining_relation(X)
@@ -152,11 +153,12 @@ def fit(X, y, noise_sd=0.0, noise_n=0):
         resid = y - A @ beta
         df = len(y) - A.shape[1]
         sigma2, noise = float(resid @ resid) / df, f"residuals of the fitted model (df={df})"
-    elif noise_sd > 0 and noise_n >= 2:
-        sigma2, df, noise = noise_sd ** 2, noise_n - 1, f"given std {noise_sd:g} (n={noise_n})"
+    elif noise_sd > 0:  # measured on noise_n other runs, or (None) known
+        df = noise_n - 1 if noise_n else math.inf
+        sigma2, noise = noise_sd ** 2, f"given std {noise_sd:g}" + (f" (n={noise_n})" if noise_n else " (known: z)")
     else:
         sigma2, df, noise = None, 0, "none: no replicates, no residual df (plan with --seeds=2)"
-    if sigma2 is not None and math.sqrt(sigma2) <= ZERO_SPREAD * max(1.0, float(np.abs(y).max())):
+    if sigma2 is not None and zero_spread(math.sqrt(sigma2), y):
         # identical replicates (a deterministic machine): zero spread is no measurement of noise
         sigma2, df, noise = None, 0, f"none: {noise} is zero (identical runs: plan other seeds)"
     cov = sigma2 * np.linalg.pinv(A.T @ A) if sigma2 is not None else None

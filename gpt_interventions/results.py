@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import glob
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -67,6 +68,8 @@ def load_run(run_dir):
     run = FinishedRun(name, run_dir, config, rows, test, "test", tokens, meta.get("env", {}).get("world_size", 1))
     if test is None:
         run.loss, run.source = run.last("val_loss"), "val"
+    if run.loss is not None and not math.isfinite(run.loss):  # a diverged run: no loss to compare
+        run.loss, run.source = None, "nonfinite"
     return run
 
 
@@ -133,11 +136,20 @@ def import_results(path):
         where = f"{path} row {i}"
         name, loss = row.pop("run", None), row.pop("test_loss", None)
         if name in (None, "") or loss in (None, ""):
-            raise UsageError(f"{where}: every row needs a run name and a test_loss")
+            found = ", ".join(str(k) for k in [*(["run"] if name else []), *row]) or "none"
+            raise UsageError(f"{where}: every row needs a run name and a test_loss (its columns: {found}; give "
+                             "a comma-separated file with a header row, or JSON lines)")
         try:
+            if isinstance(loss, bool):
+                raise ValueError
             loss = float(loss)
         except (TypeError, ValueError):
             raise UsageError(f"{where}: test_loss {loss!r} is not a number") from None
+        if not math.isfinite(loss):
+            raise UsageError(f"{where}: test_loss {loss} is not finite; leave a diverged run out of the file")
+        if None in row or any(isinstance(v, (list, dict)) for v in row.values()):
+            raise UsageError(f"{where}: a row with more cells than the header, or a value that is a list or "
+                             "an object; give one plain value per column")
         if _truthy(row.pop("reference", False)):
             refs.append((str(name), loss))
             continue
@@ -157,7 +169,7 @@ def import_results(path):
 
 def _read_rows(path):
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             if path.endswith((".jsonl", ".json")):
                 rows = [json.loads(line) for line in f if line.strip()]
             else:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpt_interventions.results import FinishedRun, group_runs
-from gpt_interventions.stats import ZERO_SPREAD, adjust, compare, detectable, summary
+from gpt_interventions.stats import adjust, compare, detectable, summary, zero_spread
 
 REPLICATE_KEY = ("seed", "data_seed")
 
@@ -41,7 +41,7 @@ def aligned(group, base):
     return group.losses, base.losses, False
 
 
-def judge(groups, noise=None, correction="holm", sensitivity=True):
+def judge(groups, noise=None, correction="holm", sensitivity=True, test="auto"):
     """Verdicts of groups[1:] against groups[0] (the baseline), Holm-corrected by default.
 
     noise = (std, n or None, name): the run-to-run std that judges a group with a single run (n:
@@ -55,7 +55,7 @@ def judge(groups, noise=None, correction="holm", sensitivity=True):
         row = Verdict(g, *summary(g.losses))
         if g is not base and base.losses:
             a, b, pairs = aligned(g, base)
-            row.comparison = compare(a, b, noise, pairs)
+            row.comparison = compare(a, b, noise, pairs, test)
         rows.append(row)
     comparisons = [r.comparison for r in rows if r.comparison is not None]
     adjust(comparisons, correction)
@@ -67,14 +67,26 @@ def judge(groups, noise=None, correction="holm", sensitivity=True):
     return rows
 
 
+def pooled(samples):
+    """(std, df) pooled over samples (each a list of values around its own mean); None without df.
+    A spread that is float rounding of identical values is reported as 0."""
+    samples = [np.asarray(x, dtype=np.float64) for x in samples if len(x) >= 2]
+    df = sum(len(x) - 1 for x in samples)
+    if not df:
+        return None
+    std = math.sqrt(sum(float(np.sum((x - x.mean()) ** 2)) for x in samples) / df)
+    return (0.0 if zero_spread(std, *samples) else std), df
+
+
 def noise_sources(groups):
     """The run-to-run std by where it comes from, pooled over the groups where it can be seen:
-    repeats (identical configs and seeds: only the hardware differs), seeds (weights and dropout)
-    and data order (data_seed). {kind: (std, df)} for the kinds with replicates."""
+    repeats (identical configs and seeds: only the hardware differs), seeds (other seeds: their
+    weights and dropout, plus any hardware noise) and data order (data_seed). {kind: (std, df)}
+    for the kinds with replicates."""
     out = {}
     for kind, same, varies in (("repeats", REPLICATE_KEY, None), ("seeds", ("data_seed",), "seed"),
                                ("data order", ("seed",), "data_seed")):
-        sq, df = 0.0, 0
+        samples = []
         for g in groups:
             cells = {}
             for r in g.runs:
@@ -83,29 +95,19 @@ def noise_sources(groups):
                         None if varies is None else r.config.get(varies), []).append(r.loss)
             for by in cells.values():
                 # repeats: every run of the cell; the others: one value (its mean) per seed or order
-                values = next(iter(by.values())) if varies is None else [float(np.mean(v)) for v in by.values()]
-                if len(values) >= 2:
-                    sq += float(np.sum((np.asarray(values) - np.mean(values)) ** 2))
-                    df += len(values) - 1
-        if df:
-            std = math.sqrt(sq / df)
-            out[kind] = (0.0 if std <= ZERO_SPREAD * 10 else std, df)  # identical runs, up to float rounding
+                samples.append(next(iter(by.values())) if varies is None else [float(np.mean(v)) for v in by.values()])
+        found = pooled(samples)
+        if found is not None:
+            out[kind] = found
     return out
 
 
 def pooled_std(groups):
-    """(std, df) pooled over the replicate groups: the run-to-run noise of these runs, whatever
-    its source; None without replicates."""
-    sq, df = 0.0, 0
-    for g in groups:
-        if len(g.losses) >= 2:
-            x = np.asarray(g.losses)
-            sq += float(np.sum((x - x.mean()) ** 2))
-            df += len(x) - 1
-    return (math.sqrt(sq / df), df) if df else None
+    """(std, df) pooled over the replicate groups: these runs' noise, whatever its source; or None."""
+    return pooled([g.losses for g in groups])
 
 
-def simulate(tables, arms, n, effects, sigma, seed_sd, paired, correction="holm", seed=0):
+def simulate(tables, arms, n, effects, sigma, seed_sd, paired, correction="holm", seed=0, test="auto"):
     """Comparisons of `tables` synthetic tables, through judge() as compare.py's tables go: a
     baseline and `arms` arms of n runs, arm j's true effect effects[j - 1], run-to-run noise sigma.
     Runs share seeds across arms when paired (a seed's own effect, of std seed_sd, moves all its
@@ -123,6 +125,6 @@ def simulate(tables, arms, n, effects, sigma, seed_sd, paired, correction="holm"
                 config = {"seed": s, "data_seed": 0, "arm": j}
                 runs.append(FinishedRun(f"a{j}s{i}", "", config, [], true + seed_effect + rng.normal(0, sigma),
                                         "simulated", None, 1))
-        rows = judge(group_runs(runs, runs[0]), correction=correction, sensitivity=False)
+        rows = judge(group_runs(runs, runs[0]), correction=correction, sensitivity=False, test=test)
         out.append([r.comparison for r in rows[1:]])
     return out

@@ -30,11 +30,12 @@ def test_welch_interval_by_hand():
     assert c.verdict == "better" and c.test == f"Welch t, n=3 vs 3, df={df:.1f}"
 
 
-def test_bootstrap_once_n_allows():
+def test_bootstrap_on_request_and_welch_otherwise():
     a, b = [3.6 + 0.001 * i for i in range(12)], [3.7 + 0.001 * i for i in range(12)]
-    c = stats.compare(a, b)
+    c = stats.compare(a, b, test="bootstrap")
     assert c.test.startswith("bootstrap") and "n=12 vs 12" in c.test and c.verdict == "better"
-    assert c.low < -0.1 < c.high
+    assert c.low < -0.1 < c.high and c.p == 1 / 10_001  # every resample below 0: the smallest p it resolves
+    assert stats.compare(a, b).test.startswith("Welch t, n=12 vs 12")
 
 
 def replicates(root, prefix, mean, spread, first_seed=42, **config):
@@ -229,13 +230,25 @@ def test_the_storys_table_imported_judged_at_an_assumed_noise(capsys):
 
 
 def test_bad_results_files_are_one_line(tmp_path, capsys):
-    bad = tmp_path / "r.csv"
     for text, message in (("run,test_loss\nbase,3.7\nclip,\n", "row 2: every row needs a run name and a test_loss"),
                           ("run,test_loss,grad_clip\nbase,3.7,\nclip,3.6,abc\n", "row 2: --grad_clip expects float"),
-                          ("run,test_loss\nbase,x\n", "test_loss 'x' is not a number")):
+                          ("run,test_loss\nbase,x\n", "test_loss 'x' is not a number"),
+                          ("run,test_loss\nbase,nan\n", "test_loss nan is not finite"),
+                          ("run,test_loss\nbase,3.7,extra\n", "more cells than the header"),
+                          ("run;test_loss\nbase;3.7\n", "(its columns: run;test_loss; give a comma-separated"),
+                          ('{"run": "a", "test_loss": true}\n', "test_loss True is not a number"),
+                          ('{"run": "a", "test_loss": 3.7, "tags": [1]}\n', "a value that is a list")):
+        bad = tmp_path / ("r.jsonl" if text.startswith("{") else "r.csv")
         bad.write_text(text)
         code, err = cli(compare.main, [f"--results={bad}"], capsys)
         assert code == 2 and err.count("\n") == 1 and message in err, err
+    bad = tmp_path / "bom.csv"  # a spreadsheet's export starts with a byte-order mark
+    bad.write_bytes("\ufeffrun,test_loss,grad_clip\nbase,3.7,\nclip,3.6,3.5\n".encode("utf-8"))
+    compare.main([f"--results={bad}", "--noise_std=0.01"])
+    assert "grad_clip=3.5" in capsys.readouterr().out
+    for flag in ("--noise_std=nan", "--noise_std=-1"):
+        code, err = cli(compare.main, [f"--results={bad}", flag], capsys)
+        assert code == 2 and "--noise_std must be a finite std" in err
 
 
 def test_identical_repeats_report_zero_noise_and_no_verdict(tmp_path, capsys):

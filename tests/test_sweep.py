@@ -187,6 +187,9 @@ def test_power_plan_measures_the_noise_from_finished_runs(tmp_path, capsys):
     assert "run-to-run std 0.002000 (pooled over the replicates of" in capsys.readouterr().out
     with pytest.raises(UsageError, match="needs the run-to-run noise"):
         run_plan(tmp_path / "x", "--effect=0.01")
+    for flag in ("--effect=inf", "--noise_std=-1", "--hours_per_run=nan"):
+        with pytest.raises(UsageError, match="must be a finite number, 0 or more"):
+            run_plan(tmp_path / "y", "--effect=0.01", "--noise_std=0.002", flag)
 
 
 @pytest.mark.slow
@@ -211,3 +214,8 @@ charts = false\n""")
     assert "paired t, 2 pairs" in done.stdout and "grad_clip=0.5" in done.stdout
     again = subprocess.run(["sh", "sw/run.sh"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "starting" not in again.stdout  # finished runs are skipped
+    # a run that fails stops the script there: no verdict is printed over a half-trained run
+    os.remove(tmp_path / "out" / "sw-00-baseline-s43" / "eval.json")
+    os.rename(tmp_path / "data", tmp_path / "moved")
+    failed = subprocess.run(["sh", "sw/run.sh"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert failed.returncode != 0 and "no test shards" in failed.stderr and "group" not in failed.stdout
