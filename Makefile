@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO := out/demo
 
-.PHONY: test demo bench clean
+.PHONY: test demo bench gpu-check clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench.py config/tiny.toml --steps=10 --warmup=3 --eval_batch_size=32
 	$(BIN)/python benchmarks/bench_tokenizer.py
 	$(if $(NANOGPT),$(BIN)/python benchmarks/vs_nanogpt.py $(NANOGPT) --repeats=2 --stat=min)
+
+# On a GPU machine: the check of BENCHMARKS.md's GPU figures, into $(OUT)/gpu-check.log.
+gpu-check: $(VENV)/.installed
+	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) out

@@ -22,10 +22,20 @@ import torch.distributed as dist
 from gpt_interventions.atomic import write_json
 from gpt_interventions.checkpoint import CHECKPOINT_VERSION, load_checkpoint, model_config_of, save_checkpoint
 from gpt_interventions.cli import parse_config
-from gpt_interventions.device import Dist, autocast, peak_flops, set_deterministic, set_tf32, setup_dist, teardown_dist
+from gpt_interventions.device import (
+    Dist,
+    autocast,
+    peak_flops,
+    print0,
+    set_deterministic,
+    set_tf32,
+    setup_dist,
+    teardown_dist,
+)
 from gpt_interventions.errors import RunError, UsageError, run_main
 from gpt_interventions.evaluation import evaluate
 from gpt_interventions.loader import TrainLoader, eval_windows, read_windows
+from gpt_interventions.microbatch import largest_micro_batch, rows_per_rank
 from gpt_interventions.optimizer import configure_optimizer
 from gpt_interventions.provenance import environment
 from gpt_interventions.rundir import Run, keep_snapshots
@@ -49,31 +59,66 @@ def main(argv):
 
 
 def resolve_config(argv):
-    """(GPTConfig, TrainConfig, checkpoint or None) from presets, flags and, on resume, the run."""
+    """(GPTConfig, TrainConfig, checkpoint or None) from presets, flags and the run directory.
+
+    A directory that already holds this run (the same config, runtime fields aside) is continued
+    from its checkpoint, or started over if it stopped before its first one: a restart reruns the
+    same command line (torchrun --max-restarts, a requeued job, a spot instance's boot script), so
+    that command must go on with the run. Another config there is refused with what differs.
+    --resume continues a run from its checkpoint whatever the flags given (the saved config is the
+    base), and refuses a directory without one.
+    """
     classes = [GPTConfig, TrainConfig]
     (mc, tc), _, _ = parse_config(argv, classes, "train.py", USAGE)
     presets = [a for a in argv if a.endswith(".toml")]
     run_name = tc.run_name or (os.path.splitext(os.path.basename(presets[-1]))[0] if presets else "run")
     out_dir = tc.out_dir or os.path.join("out", run_name)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
     ckpt = None
     if tc.resume:
-        if not os.path.exists(os.path.join(out_dir, "ckpt.pt")) and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
-            raise UsageError(f"{out_dir} has no checkpoint: the run stopped before its first one; "
-                             "delete the directory or choose another --out_dir to start again")
-        ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
-        saved = [GPTConfig(**model_config_of(ckpt["model_config"])), TrainConfig(**ckpt["train_config"])]
+        if not os.path.exists(ckpt_path) and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+            raise UsageError(f"{out_dir} has no checkpoint: the run stopped before its first one; run its "
+                             "original command again (without --resume) to start it over")
+        ckpt = load_checkpoint(ckpt_path)
+        saved = saved_configs(ckpt)
         (mc, tc), _, _ = parse_config(argv, classes, "train.py", USAGE, bases=saved)
-        changed = [f"{k}: {asdict(s)[k]!r} -> {v!r}" for s, new in zip(saved, (mc, tc))
-                   for k, v in asdict(new).items() if k not in RUNTIME_FIELDS and asdict(s)[k] != v]
+        changed = differences(saved, (mc, tc))
         if changed:
             raise UsageError(f"cannot resume {out_dir} with a changed config ({'; '.join(changed)}); "
                              "start a new run with another --out_dir")
-    elif not tc.dry_run and (os.path.exists(os.path.join(out_dir, "ckpt.pt")) or
-                             os.path.exists(os.path.join(out_dir, "metrics.jsonl"))):
-        raise UsageError(f"{out_dir} already holds a run; continue it with --resume, or choose "
-                         "another --out_dir or --run_name")
+    elif not tc.dry_run and os.path.exists(ckpt_path):  # the same command again: restart in place
+        ckpt = load_checkpoint(ckpt_path)
+        changed = differences(saved_configs(ckpt), (mc, tc))
+        if changed:
+            raise UsageError(f"{out_dir} holds a run with another config ({'; '.join(changed)}); continue it "
+                             "with --resume, or choose another --out_dir or --run_name")
+    elif not tc.dry_run and os.path.exists(os.path.join(out_dir, "config.json")):  # stopped before a checkpoint
+        with open(os.path.join(out_dir, "config.json")) as f:
+            meta = json.load(f)
+        changed = differences(known_fields(meta["model"], meta["train"]), (mc, tc))
+        if changed:
+            raise UsageError(f"{out_dir} holds a run with another config ({'; '.join(changed)}); choose "
+                             "another --out_dir or --run_name")
     tc = dataclasses.replace(tc, run_name=run_name, out_dir=out_dir)
     return mc, tc, ckpt
+
+
+def saved_configs(ckpt):
+    return known_fields(ckpt["model_config"], ckpt["train_config"])
+
+
+def known_fields(model, train):
+    """A saved run's configs as today's dataclasses: fields added since take their defaults (init:
+    GPT-2's, as those runs had), fields since removed are dropped."""
+    model = model_config_of(model)
+    return [cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+            for cls, d in ((GPTConfig, model), (TrainConfig, train))]
+
+
+def differences(saved, new):
+    """`field: old -> new` of the fields that change what a run computes (not the runtime ones)."""
+    return [f"{k}: {asdict(s)[k]!r} -> {v!r}" for s, n in zip(saved, new)
+            for k, v in asdict(n).items() if k not in RUNTIME_FIELDS and asdict(s)[k] != v]
 
 
 def dry_run(mc, tc):
@@ -97,6 +142,15 @@ def derived(tc, plan, world_size, model):
     flops = model.flops_per_token()
     return {"ranks": world_size, "micro_batch": tc.batch_size, **asdict(plan), "num_params": model.num_params(),
             "flops_per_token": flops, "run_flops": flops * plan.tokens_per_step * plan.max_steps}
+
+
+def micro_batch(mc, tc, ckpt, d):
+    """--auto_batch_size: a resumed run keeps the micro-batch it had; a new one finds the largest
+    that fits (gpt_interventions/microbatch.py)."""
+    rows = rows_per_rank(mc, tc, d.world_size)
+    if ckpt is not None and rows % ckpt["train_config"]["batch_size"] == 0:
+        return ckpt["train_config"]["batch_size"]
+    return largest_micro_batch(mc, tc, d, rows)
 
 
 class StopSignals:
@@ -147,6 +201,10 @@ class Training:
 
 
 def train(mc, tc, ckpt, d, stop):
+    if tc.auto_batch_size:  # every other flag and the data are checked before any trial step
+        make_plan(mc, dataclasses.replace(tc, batch_size=1, gradient_accumulation_steps=0), d.world_size)
+        find_shards(tc.data_dir, tc.dataset, "train"), find_shards(tc.data_dir, tc.dataset, "val")
+        tc = dataclasses.replace(tc, batch_size=micro_batch(mc, tc, ckpt, d))
     plan = make_plan(mc, tc, d.world_size)
     set_tf32(tc.tf32)
     set_deterministic(tc.deterministic, d.device_type, tc.compile)
@@ -159,6 +217,9 @@ def train(mc, tc, ckpt, d, stop):
         check_same_data(ckpt["data"], shards, plan, tc)
     loader.batch(start, 0)  # token ids outside vocab_size: refused before anything is written,
     read_windows(windows, mc.block_size, mc.vocab_size)  # not mid-run
+    if ckpt is not None and start >= plan.max_steps:  # a restart after the end: nothing to redo
+        print0(f"{tc.out_dir} is finished ({start} of {plan.max_steps} steps): nothing to do")
+        return
 
     torch.manual_seed(tc.seed)
     model = GPT(mc).to(d.device)
@@ -168,7 +229,7 @@ def train(mc, tc, ckpt, d, stop):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-    run = Run(tc, d.master, start if ckpt else None)
+    run = Run(tc, d.master, start)  # rows logged after the checkpoint (all, without one) are logged again
     t = Training(mc, tc, plan, d, model, optimizer, scaler, shards, loader, run,
                  saved_step=start if ckpt else None, skipped=ckpt.get("skipped_steps", 0) if ckpt else 0,
                  bad_step=torch.full((), -1, dtype=torch.long, device=d.device), peak=peak_flops(d.device, tc.dtype))
@@ -213,14 +274,28 @@ def train(mc, tc, ckpt, d, stop):
 def record_start(t, start, resumed):
     """config.json (resolved config, derived values, environment) and the run's first log lines."""
     num_params = t.model.num_params()
+    config_path = os.path.join(t.tc.out_dir, "config.json")
+    before = None
+    if resumed and os.path.isfile(config_path):
+        with open(config_path) as f:
+            before = json.load(f).get("env", {}).get("threads")
     if t.d.master:
-        write_json(os.path.join(t.tc.out_dir, "config.json"), {
+        write_json(config_path, {
             "model": asdict(t.mc), "train": asdict(t.tc), "derived": derived(t.tc, t.plan, t.d.world_size, t.model),
             "env": environment(t.d.device)})
     t.run.log(f"{'resuming' if resumed else 'starting'} {t.tc.out_dir} at step {start}: {num_params:,} parameters, "
               f"{t.plan.tokens_per_step:,} tokens/step = {t.d.world_size} ranks x {t.plan.accum} micro-batches x "
               f"{t.tc.batch_size} x {t.mc.block_size}, {t.plan.max_steps} steps")
     t.run.log("config: " + json.dumps({**asdict(t.mc), **asdict(t.tc)}))
+    if t.d.device_type == "cpu" and before not in (None, torch.get_num_threads()):
+        t.run.log(f"note: the run used {before} CPU threads and goes on with {torch.get_num_threads()}: its numbers "
+                  "will differ from an uninterrupted run's in the last bits (set OMP_NUM_THREADS to match)")
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0 and \
+            os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
+        t.run.log("warning: torchrun may restart this run, but its restarted ranks can fail to reconnect through "
+                  "the store it shares with them (pytorch#135712); launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+    if t.tc.auto_batch_size:
+        t.run.log(f"micro-batch: {t.tc.batch_size} sequences, by --auto_batch_size ({'kept from the checkpoint' if resumed else f'the largest that fits on {t.d.device}'})")
     if t.plan.max_steps > t.loader.chunks:  # allowed (small corpora), but never unannounced
         t.run.log(f"note: the train split holds {t.loader.chunks:,} steps of tokens and this run takes "
                   f"{t.plan.max_steps:,}: from step {t.loader.chunks + 1:,} on it reads the same tokens again "

@@ -32,5 +32,9 @@ def environment(device):
         "device": device,
         "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu",
         "world_size": int(os.environ.get("WORLD_SIZE", 1)),
+        # a CPU run's numbers depend on its thread count (LayerNorm's backward sums per thread),
+        # not on the machine's load: two runs are bitwise equal only with the same count
+        "threads": torch.get_num_threads(),
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
     }
     return info

@@ -25,6 +25,8 @@ class TrainConfig:
     data_seed: int = field(0, "0: chunks in order through the shards; N > 0: shuffled per epoch")
     # batch and length
     batch_size: int = field(12, "micro-batch size in sequences, per rank")
+    auto_batch_size: bool = field(False, "use the largest micro-batch that fits on the device (trial steps at "
+                                  "the start; a resumed run keeps its own); total_batch_size stays")
     total_batch_size: int = field(98304, "tokens per optimizer step; 0: one micro-batch per rank")
     gradient_accumulation_steps: int = field(0, "micro-batches per step per rank; 0: derived")
     max_iters: int = field(0, "optimizer steps; 0: from max_tokens")
@@ -72,10 +74,12 @@ POSITIVE = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_si
 FRACTIONS = {"dropout", "beta1", "beta2"}  # in [0, 1)
 
 # Fields that may differ when a run is resumed: they change how, not what, it computes.
-RUNTIME_FIELDS = {"resume", "out_dir", "run_name", "data_dir", "batch_size",
+RUNTIME_FIELDS = {"resume", "out_dir", "run_name", "data_dir", "batch_size", "auto_batch_size",
                   "gradient_accumulation_steps", "compile", "device", "log_interval",
                   "eval_interval", "eval_batch_size", "checkpoint_interval", "keep_checkpoints",
-                  "nonfinite", "charts", "dry_run", "deterministic"}
+                  "nonfinite", "charts", "dry_run"}
+# deterministic is not among them: its algorithms give other numbers (a repeat's spread is only
+# the hardware's among runs that agree on it)
 # max_iters/max_tokens are not among them: the cosine schedule of the remaining steps depends on them.
 
 

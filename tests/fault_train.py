@@ -6,6 +6,8 @@ FAULT (environment) chooses the fault; files go to FAULT_DIR:
                    ready.RANK, hang until killed
   rss:N            every N steps append "STEP VmRSS_kB" to rss.txt
   full_log:N       rank 0's append of step N's row to metrics.jsonl fails as on a full disk
+  die_once:N       before step N, rank FAULT_RANK (default 1) dies at once (exit 1, no cleanup), the
+                   first time only (a file `died` marks it): torchrun --max-restarts then restarts all
 """
 
 import errno
@@ -57,6 +59,10 @@ def faulty_batch(self, step, micro):
         if KIND == "hang_at_step" and step == int(ARG):
             ready()
             wait_for_go()
+        elif KIND == "die_once" and step == int(ARG) and RANK == os.environ.get("FAULT_RANK", "1") \
+                and not os.path.exists(os.path.join(FAULT_DIR, "died")):
+            open(os.path.join(FAULT_DIR, "died"), "w").close()
+            os._exit(1)
         elif KIND == "rss" and step % int(ARG) == 0:
             with open(os.path.join(FAULT_DIR, "rss.txt"), "a") as f:
                 f.write(f"{step} {rss_kb()}\n")

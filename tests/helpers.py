@@ -142,8 +142,8 @@ def assert_same_run(ref, out):
             assert torch.equal(t, b["optimizer"]["state"][i][name]), (i, name)
 
 
-def torchrun(script, args, **env):
-    """Run script under torchrun with 2 CPU processes (gloo); the CompletedProcess, output captured."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           script, *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
-                          capture_output=True, text=True, timeout=300)
+def torchrun(script, args, launcher=("--standalone", "--nproc_per_node=2"), **env):
+    """Run script under torchrun (by default 2 CPU processes, gloo); the CompletedProcess, output captured."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", *launcher, script, *args], cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True,
+                          timeout=300)

@@ -155,3 +155,20 @@ def test_keep_freed_memory_stops_the_page_faults_of_large_tensors():
     default, kept = faults("default"), faults("keep")
     assert default > 100_000
     assert kept < default / 4
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_every_step_in_its_cpu_dry_mode(tmp_path):
+    env = {**os.environ, "GPU_CHECK_DEVICE": "cpu", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    log = (tmp_path / "gpu-check.log").read_text()
+    assert done.returncode == 0 and "gpu-check done" in log, log[-3000:]
+    exits = {line.split(":")[0][3:]: line.split("exit ")[1].split()[0] for line in log.splitlines()
+             if line.startswith("-- ") and " exit " in line}
+    assert exits.pop("auto micro-batch") == "2" and "searches a GPU's memory" in log  # GPUs only
+    assert set(exits.values()) == {"0"} and {"124M bf16 compiled", "163M float16+GradScaler compiled",
+                                            "124M bf16 eager deterministic", "restart in place", "eval.py on the test split",
+                                            "sample.py"} <= set(exits), exits
+    assert "stopped by SIGTERM after step" in log and "resuming" in log  # the preemption and the restart
+    assert "tokens/s" in log and "mfu         n/a" in log and "sample/test loss" in log

@@ -145,3 +145,15 @@ def test_script_prints_no_traceback(data_dir, tmp_path):
     proc = subprocess.run([sys.executable, "eval.py", str(tmp_path / "nope.pt"), f"--data_dir={data_dir}",
                            "--dataset=syn"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr == f"error: {tmp_path / 'nope.pt'} not found\n"
+
+
+def test_the_compiled_forward_path_of_evaluate_scores_as_nll_sum():
+    # on a GPU a compiled model is scored from its forward's logits (faster there); the two paths
+    # give the same sum up to float rounding (compiled or not, the forward is the same function)
+    from gpt_interventions.evaluation import forward_nll_sum
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=300, pad_vocab=True)).eval()
+    x, y = torch.randint(0, 300, (3, 32)), torch.randint(0, 300, (3, 32))
+    with torch.no_grad():
+        assert forward_nll_sum(model, x, y).item() == pytest.approx(model.nll_sum(x, y).item(), rel=1e-6)

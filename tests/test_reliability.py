@@ -5,6 +5,7 @@ Faults in a real process come from tests/fault_train.py (train.py plus one injec
 """
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -139,6 +140,54 @@ def test_kill_9_between_steps_then_resume_is_bitwise_exact(data_dir, reference, 
     assert_same_run(reference, out)
 
 
+@pytest.fixture
+def busy_cpu():
+    """Two busy processes beside the test, on the machine's cores (CI has 2), then gone."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    time.sleep(0.5)
+    yield
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.slow
+def test_cpu_runs_and_resumes_are_bitwise_under_load(data_dir, reference, tmp_path, spawn, busy_cpu):
+    # the machine's load does not change a CPU run's numbers (the thread count does: next test)
+    out = str(tmp_path / "loaded")
+    train.main(tiny_flags(data_dir, out, **EXACT))
+    assert_same_run(reference, out)
+    # killed after step 6 under load, then restarted in place, under load
+    proc = spawn(tiny_flags(data_dir, str(tmp_path / "killed"), **EXACT), "hang_at_step:6")
+    wait_ready(tmp_path, proc)
+    proc.kill()
+    proc.wait()
+    train.main(tiny_flags(data_dir, str(tmp_path / "killed"), **EXACT))
+    assert_same_run(reference, tmp_path / "killed")
+
+
+def test_the_condition_for_bitwise_cpu_runs_is_the_thread_count(finished_run):
+    # LayerNorm's backward on the CPU sums its weight and bias gradients per thread, so another
+    # thread count rounds them otherwise: runs agree bitwise with the same count, which
+    # config.json records beside every run
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(512, 64, generator=g), torch.randn(512, 64, generator=g)
+    grads = {}
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            ln = torch.nn.LayerNorm(64)
+            (ln(x) * w).sum().backward()
+            grads.setdefault(n, []).append(ln.weight.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*grads[1]) and not torch.equal(grads[1][0], grads[2][0])
+    with open(os.path.join(finished_run, "config.json")) as f:
+        env = json.load(f)["env"]
+    assert env["threads"] == threads and env["cpus"] >= 1
+
+
 @pytest.mark.slow
 def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(data_dir, reference, tmp_path, spawn):
     out = str(tmp_path / "run")
@@ -178,7 +227,11 @@ def test_resume_before_the_first_checkpoint_says_what_to_do(data_dir, tmp_path, 
         train.main(tiny_flags(data_dir, out, max_iters=2))
     monkeypatch.undo()
     code, err = cli(train.main, tiny_flags(data_dir, out, resume=True), capsys)
-    assert code == 2 and "has no checkpoint: the run stopped before its first one; delete the directory" in err
+    assert code == 2 and "has no checkpoint: the run stopped before its first one; run its original command" in err
+    # which is what a restart does: the same command starts it over, its cut-off rows gone
+    train.main(tiny_flags(data_dir, out, max_iters=2))
+    train.main(tiny_flags(data_dir, str(tmp_path / "clean"), max_iters=2))
+    assert curve(out) == curve(tmp_path / "clean")
 
 
 # --- preemption ----------------------------------------------------------------------------------

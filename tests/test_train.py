@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -228,3 +229,34 @@ def test_deterministic_changes_no_number_on_the_cpu_and_refuses_compiled_cuda(da
     assert a == curve(run(data_dir, tmp_path / "b", dropout=0.1))
     with pytest.raises(UsageError, match="add --compile=False"):
         set_deterministic(True, "cuda", compiled=True)
+
+
+def test_auto_batch_size_finds_the_largest_micro_batch_that_fits_and_a_resume_keeps_it(data_dir, tmp_path,
+                                                                                         monkeypatch):
+    from gpt_interventions import microbatch
+    from gpt_interventions.device import Dist
+    from gpt_interventions.errors import UsageError
+    tried = []
+    trial = microbatch.trial_step
+
+    def small_device(mc, tc, d, batch_size):  # a GPU on which more than 8 sequences do not fit
+        tried.append(batch_size)
+        if batch_size > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    with pytest.raises(UsageError, match="searches a GPU's memory: on the CPU"):
+        trial(None, None, Dist(0, 0, 1, "cpu"), 8)
+    monkeypatch.setattr(microbatch, "trial_step", small_device)
+    flags = dict(total_batch_size=1024, max_iters=4, checkpoint_interval=2, keep_checkpoints=2)  # 32 x 32 a step
+    out = run(data_dir, tmp_path / "auto", auto_batch_size=True, **flags)
+    assert tried == [4, 16, 8]  # binary search over 1, 2, 4, 8, 16, 32
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    assert config["train"]["batch_size"] == 8 and config["derived"]["accum"] == 4
+    assert "micro-batch: 8 sequences, by --auto_batch_size (the largest that fits on cpu)" in \
+        open(os.path.join(out, "log.txt")).read()
+    assert curve(out) == curve(run(data_dir, tmp_path / "eight", batch_size=8, **flags))
+    # a restart (the same command, after a crash past step 2) keeps its micro-batch, without trials
+    os.replace(os.path.join(out, "ckpt_0000002.pt"), os.path.join(out, "ckpt.pt"))
+    monkeypatch.setattr(microbatch, "trial_step", lambda *a: pytest.fail("a resumed run searched again"))
+    run(data_dir, tmp_path / "auto", auto_batch_size=True, **flags)
+    assert curve(out) == curve(tmp_path / "eight")

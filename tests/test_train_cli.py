@@ -11,7 +11,7 @@ import train
 from gpt_interventions.cli import parse_config
 from gpt_interventions.errors import UsageError, run_main
 from gpt_interventions.training import TrainConfig
-from helpers import ROOT, make_shards, tiny_flags
+from helpers import ROOT, make_shards, snapshot, tiny_flags
 from model import GPTConfig
 
 CLASSES = [GPTConfig, TrainConfig]
@@ -135,12 +135,16 @@ def test_token_ids_outside_the_vocabulary(data_dir, tmp_path):
     fails(tiny_flags(data_dir, str(tmp_path / "o"), vocab_size=100), "outside the model's vocab_size 100")
 
 
-def test_existing_run_is_never_overwritten(data_dir, tmp_path):
+def test_existing_run_is_never_overwritten(data_dir, tmp_path, capsys):
     out = str(tmp_path / "o")
     train.main(tiny_flags(data_dir, out, max_iters=2, total_batch_size=128))
-    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
-    fails(tiny_flags(data_dir, out, max_iters=2, total_batch_size=128), "already holds a run")
-    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+    before = snapshot(out)
+    fails(tiny_flags(data_dir, out, max_iters=2, total_batch_size=128, grad_clip=1.0),
+          "holds a run with another config (grad_clip: 0.0 -> 1.0); continue it with --resume")
+    assert snapshot(out) == before
+    capsys.readouterr()
+    train.main(tiny_flags(data_dir, out, max_iters=2, total_batch_size=128))  # the same command: it is done
+    assert "is finished (2 of 2 steps): nothing to do" in capsys.readouterr().out and snapshot(out) == before
 
 
 def test_resume_refuses_a_changed_config(data_dir, tmp_path):

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The project's GPU check: about 6 minutes on one H100/H200, run from the repository root
+# (`make gpu-check`, or `bash benchmarks/gpu_check.sh`). Every step has its own time limit and a
+# failed step does not stop the rest; everything printed goes to $OUT/gpu-check.log (or
+# /tmp/gpu-check.log). Record its figures and failures in BENCHMARKS.md with the date and device.
+# It measures the 124M and 163M shapes (bf16 compiled, the story's float16 with a GradScaler, eager),
+# what --deterministic costs, the micro-batch --auto_batch_size finds, and runs train.py end to end
+# (periodic eval, checkpoints, a SIGTERM once the first checkpoint is written, the resume), then
+# eval.py and sample.py on the GPU. Nothing is downloaded: it uses the embedded corpus.
+# GPU_CHECK_DEVICE=cpu runs every step on tiny shapes on the CPU, to check that the commands still
+# parse and run (tests/test_bench.py does, in CI); PYTHON picks the interpreter (default python3).
+# Adapted from the check the project's sessions were given (shared/gpu-check).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+out=${OUT:-/tmp}
+log="$out/gpu-check.log"
+py=${PYTHON:-python3}
+dev=${GPU_CHECK_DEVICE:-cuda}
+: >"$log"
+say() { echo "$*" | tee -a "$log"; }
+step() {  # step SECONDS LABEL COMMAND...
+  local limit=$1 label=$2; shift 2
+  say ""; say "== $label"; say "\$ $*"
+  local t0=$SECONDS
+  timeout -k 10 "$limit" "$@" >>"$log" 2>&1; local rc=$?
+  say "-- $label: exit $rc in $((SECONDS - t0))s"
+}
+
+if [ "$dev" = cpu ]; then  # tiny shapes, eager: only that every command still parses and runs
+  small=(--n_layer=2 --n_head=2 --n_embd=64 --block_size=64 --device=cpu)
+  gpt124=("${small[@]}" --qkv_bias=True --tie_weights=True); gpt163=("${small[@]}")
+  bb=(--batch_size=4 --total_batch_size=0 --steps=2 --warmup=1); fast=(--compile=False)
+  e2e=("${small[@]}" --batch_size=4 --compile=False --max_iters=30); auto=(--compile=False)
+  ckpt=(--checkpoint_interval=10); evals=(--eval_tokens=4096)
+else
+  gpt124=(--qkv_bias=True --tie_weights=True --device=cuda); gpt163=(--device=cuda)
+  bb=(--batch_size=32 --total_batch_size=0 --steps=20 --warmup=5); fast=(--compile=True)
+  e2e=(--device=cuda --batch_size=8 --max_iters=400); auto=(--device=cuda)
+  ckpt=(--checkpoint_interval=50); evals=()
+fi
+
+say "gpu-check $(date -u +%FT%TZ) on $(hostname)"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$log"
+$py -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" 2>&1 | tee -a "$log"
+git log -1 --format='commit %h %s' 2>/dev/null | tee -a "$log"
+git status --porcelain --untracked-files=no 2>/dev/null | head -5 | sed 's/^/changed: /' | tee -a "$log"
+
+# 1. The goal row: GPT-2 124M (tied head, QKV bias), bf16, compiled. MFU against the device's peak.
+step 240 "124M bf16 compiled" $py bench.py "${gpt124[@]}" --dtype=bfloat16 "${fast[@]}" "${bb[@]}"
+# 2. The story's shape (163M, untied, no QKV bias) in the story's precision: float16 with a GradScaler.
+step 240 "163M float16+GradScaler compiled" $py bench.py "${gpt163[@]}" --dtype=float16 "${fast[@]}" "${bb[@]}"
+# 3. What compile buys: the 124M step without it; and what --deterministic costs on top of eager.
+step 120 "124M bf16 eager" $py bench.py "${gpt124[@]}" --dtype=bfloat16 --compile=False "${bb[@]}"
+step 120 "124M bf16 eager deterministic" $py bench.py "${gpt124[@]}" --dtype=bfloat16 --compile=False \
+  --deterministic=True "${bb[@]}"
+# 4. End to end on the embedded corpus: train with periodic eval and checkpoints, SIGTERM once the
+#    first checkpoint is on disk (a preemption mid-run), the same command again to resume in
+#    place, then eval.py and sample.py on the GPU.
+work=$(mktemp -d)
+step 60 "prepare the embedded corpus" $py prepare_data.py --dataset=sample --data_dir="$work/data"
+run=("${e2e[@]}" --dataset=sample --data_dir="$work/data" --out_dir="$work/run" --dtype=bfloat16
+     --total_batch_size=0 --log_interval=10 --eval_interval=50 --eval_tokens=65536 "${ckpt[@]}")
+say ""; say "== train, SIGTERM after the first checkpoint, then the same command again"
+t0=$SECONDS
+$py train.py "${run[@]}" >>"$log" 2>&1 & pid=$!
+for _ in $(seq 600); do [ -f "$work/run/ckpt.pt" ] && break; kill -0 $pid 2>/dev/null || break; sleep 0.5; done
+kill -TERM $pid 2>/dev/null
+wait $pid; rc=$?
+say "-- first part: exit $rc in $((SECONDS - t0))s; $(grep -o 'stopped by SIGTERM after step [0-9]*' "$work/run/log.txt" || echo 'not stopped: it ended first')"
+step 300 "restart in place" $py train.py "${run[@]}"
+step 90 "eval.py on the test split" $py eval.py "$work/run" --dataset=sample --data_dir="$work/data" --device="$dev" \
+  --ledger="" "${evals[@]}"
+step 60 "sample.py" $py sample.py "$work/run" --device="$dev" --num_samples=2 --max_new_tokens=20
+# 5. --auto_batch_size on the story's model and tokens per step: trial steps, then 2 real steps.
+step 180 "auto micro-batch" $py train.py "${gpt163[@]}" "${auto[@]}" --auto_batch_size=True --dataset=sample \
+  --data_dir="$work/data" --out_dir="$work/auto" --max_iters=2 --eval_interval=0 --eval_tokens=4096 --charts=False
+grep -h "micro-batch:" "$work/auto/log.txt" 2>/dev/null | tee -a "$log"
+rm -rf "$work"
+say ""; say "gpu-check done in ${SECONDS}s; full log: $log"
