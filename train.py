@@ -65,13 +65,18 @@ def dry_run(mc, tc):
     if not world_size.isdigit() or int(world_size) < 1:
         raise UsageError(f"WORLD_SIZE={world_size!r}: give the number of ranks the run will have, e.g. WORLD_SIZE=8")
     world_size = int(world_size)
-    plan = make_plan(mc, tc, world_size)
+    planned = tc  # --auto_batch_size: the micro-batch is found on the device; plan with one a step
+    if tc.auto_batch_size:
+        planned = dataclasses.replace(tc, batch_size=rows_per_rank(mc, tc, world_size))
+    plan = make_plan(mc, planned, world_size)
     if os.environ.get("RANK", "0") != "0":  # under torchrun: one plan, from rank 0
         return
     with torch.device("meta"):  # the parameter count without allocating the weights
         model = GPT(mc)
-    print(json.dumps({"model": asdict(mc), "train": asdict(tc), "derived": derived(tc, plan, world_size, model)},
-                     indent=2))
+    plan_of = derived(tc, plan, world_size, model)
+    if tc.auto_batch_size:
+        plan_of.update(micro_batch="auto", accum="auto")
+    print(json.dumps({"model": asdict(mc), "train": asdict(tc), "derived": plan_of}, indent=2))
 
 
 def derived(tc, plan, world_size, model):
@@ -79,6 +84,20 @@ def derived(tc, plan, world_size, model):
     flops = model.flops_per_token()
     return {"ranks": world_size, "micro_batch": tc.batch_size, **asdict(plan), "num_params": model.num_params(),
             "flops_per_token": flops, "run_flops": flops * plan.tokens_per_step * plan.max_steps}
+
+
+def agree_on_start(ckpt, d, tc):
+    """The step the run starts from, the same on every rank: each rank read the run directory on
+    its own, and ranks that see different checkpoints (a directory on each node's own disk) must
+    not train together. Refused in one line on every rank."""
+    start = ckpt["step"] if ckpt else 0
+    if d.world_size > 1:
+        seen = torch.tensor([start, -start], dtype=torch.long, device=d.device)
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        if seen[0].item() != -seen[1].item():
+            raise UsageError(f"the ranks found different checkpoints in {tc.out_dir} (steps {-seen[1].item()} to "
+                             f"{seen[0].item()}): a run directory must be on storage that every node shares")
+    return start
 
 
 def micro_batch(mc, tc, ckpt, d):
@@ -138,14 +157,15 @@ class Training:
 
 
 def train(mc, tc, ckpt, d, stop):
+    start = agree_on_start(ckpt, d, tc)
+    set_tf32(tc.tf32)
+    set_deterministic(tc.deterministic, d.device_type, tc.compile)  # before any matmul, trials included
     if tc.auto_batch_size:  # every other flag and the data are checked before any trial step
-        make_plan(mc, dataclasses.replace(tc, batch_size=1, gradient_accumulation_steps=0), d.world_size)
+        rows = rows_per_rank(mc, tc, d.world_size)
+        make_plan(mc, dataclasses.replace(tc, batch_size=rows), d.world_size)
         find_shards(tc.data_dir, tc.dataset, "train"), find_shards(tc.data_dir, tc.dataset, "val")
         tc = dataclasses.replace(tc, batch_size=micro_batch(mc, tc, ckpt, d))
     plan = make_plan(mc, tc, d.world_size)
-    set_tf32(tc.tf32)
-    set_deterministic(tc.deterministic, d.device_type, tc.compile)
-    start = ckpt["step"] if ckpt else 0
     shards = find_shards(tc.data_dir, tc.dataset, "train")
     loader = TrainLoader(shards, plan.tokens_per_step, tc.batch_size, mc.block_size, plan.accum,
                          d.rank, d.world_size, tc.data_seed, mc.vocab_size)

@@ -13,17 +13,20 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp}
+mkdir -p "$out"
 log="$out/gpu-check.log"
+failed=()
 py=${PYTHON:-python3}
 dev=${GPU_CHECK_DEVICE:-cuda}
 : >"$log"
 say() { echo "$*" | tee -a "$log"; }
-step() {  # step SECONDS LABEL COMMAND...
-  local limit=$1 label=$2; shift 2
+step() {  # step SECONDS LABEL COMMAND... (EXPECT=N: the exit status that passes, default 0)
+  local limit=$1 label=$2 want=${EXPECT:-0}; shift 2
   say ""; say "== $label"; say "\$ $*"
   local t0=$SECONDS
   timeout -k 10 "$limit" "$@" >>"$log" 2>&1; local rc=$?
   say "-- $label: exit $rc in $((SECONDS - t0))s"
+  [ "$rc" = "$want" ] || failed+=("$label (exit $rc)")
 }
 
 if [ "$dev" = cpu ]; then  # tiny shapes, eager: only that every command still parses and runs
@@ -31,12 +34,12 @@ if [ "$dev" = cpu ]; then  # tiny shapes, eager: only that every command still p
   gpt124=("${small[@]}" --qkv_bias=True --tie_weights=True); gpt163=("${small[@]}")
   bb=(--batch_size=4 --total_batch_size=0 --steps=2 --warmup=1); fast=(--compile=False)
   e2e=("${small[@]}" --batch_size=4 --compile=False --max_iters=30); auto=(--compile=False)
-  ckpt=(--checkpoint_interval=10); evals=(--eval_tokens=4096)
+  ckpt=(--checkpoint_interval=10); evals=(--eval_tokens=4096); auto_exit=2  # auto: GPUs only
 else
   gpt124=(--qkv_bias=True --tie_weights=True --device=cuda); gpt163=(--device=cuda)
   bb=(--batch_size=32 --total_batch_size=0 --steps=20 --warmup=5); fast=(--compile=True)
   e2e=(--device=cuda --batch_size=8 --max_iters=400); auto=(--device=cuda)
-  ckpt=(--checkpoint_interval=50); evals=()
+  ckpt=(--checkpoint_interval=50); evals=(--eval_tokens=0); auto_exit=0
 fi
 
 say "gpu-check $(date -u +%FT%TZ) on $(hostname)"
@@ -65,15 +68,19 @@ t0=$SECONDS
 $py train.py "${run[@]}" >>"$log" 2>&1 & pid=$!
 for _ in $(seq 600); do [ -f "$work/run/ckpt.pt" ] && break; kill -0 $pid 2>/dev/null || break; sleep 0.5; done
 kill -TERM $pid 2>/dev/null
-wait $pid; rc=$?
-say "-- first part: exit $rc in $((SECONDS - t0))s; $(grep -o 'stopped by SIGTERM after step [0-9]*' "$work/run/log.txt" || echo 'not stopped: it ended first')"
+for _ in $(seq 600); do kill -0 $pid 2>/dev/null || break; sleep 0.5; done  # at most 5 minutes
+kill -KILL $pid 2>/dev/null; wait $pid; rc=$?
+stopped=$(grep -o 'stopped by SIGTERM after step [0-9]*' "$work/run/log.txt" 2>/dev/null)
+say "-- first part: exit $rc in $((SECONDS - t0))s; ${stopped:-not stopped by the SIGTERM}"
+[ "$rc" = 0 ] && [ -n "$stopped" ] || failed+=("train stopped by SIGTERM (exit $rc, ${stopped:-not stopped})")
 step 300 "restart in place" $py train.py "${run[@]}"
 step 90 "eval.py on the test split" $py eval.py "$work/run" --dataset=sample --data_dir="$work/data" --device="$dev" \
   --ledger="" "${evals[@]}"
 step 60 "sample.py" $py sample.py "$work/run" --device="$dev" --num_samples=2 --max_new_tokens=20
 # 5. --auto_batch_size on the story's model and tokens per step: trial steps, then 2 real steps.
-step 180 "auto micro-batch" $py train.py "${gpt163[@]}" "${auto[@]}" --auto_batch_size=True --dataset=sample \
+EXPECT=$auto_exit step 180 "auto micro-batch" $py train.py "${gpt163[@]}" "${auto[@]}" --auto_batch_size=True --dataset=sample \
   --data_dir="$work/data" --out_dir="$work/auto" --max_iters=2 --eval_interval=0 --eval_tokens=4096 --charts=False
-grep -h "micro-batch:" "$work/auto/log.txt" 2>/dev/null | tee -a "$log"
+grep -h "micro-batch:" "$work/auto/log.txt" 2>/dev/null | tee -a "$log" || true
 rm -rf "$work"
 say ""; say "gpu-check done in ${SECONDS}s; full log: $log"
+if [ ${#failed[@]} -gt 0 ]; then say "FAILED: ${failed[*]}"; exit 1; fi

@@ -5,9 +5,11 @@ runtime choice: the same tokens, the same losses up to summation order). Candida
 divisors of the sequences each rank trains per step, so the accumulation stays whole; a trial is
 one eager training step (forward, backward, AdamW, which allocates its state) on random tokens,
 and fitting is monotone in the micro-batch, so a binary search needs about log2(candidates)
-trials. GPUs only: a CPU process that allocates more than the machine has is killed by the
-kernel, not told, so there is nothing to search with (tests inject the out-of-memory). torch.compile's steps need no more memory than eager ones, so the choice is safe for a
-compiled run. Under DDP every rank searches and the smallest choice wins.
+trials. A trial fits when its step runs and its peak stays under HEADROOM of the device's memory:
+the rest is for what a trial does not hold (DDP's gradient buckets, NCCL's buffers, a compiled
+graph, validation). GPUs only: a CPU process that allocates more than the machine has is killed
+by the kernel, not told, so there is nothing to search with (tests inject the out-of-memory).
+Under DDP every rank searches and the smallest choice wins.
 """
 
 import gc
@@ -28,11 +30,16 @@ def out_of_memory(e):
         isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e)))
 
 
+HEADROOM = 0.9  # of the device's memory a trial step may peak at
+
+
 def trial_step(mc, tc, d, batch_size):
-    """One eager training step with micro-batches of `batch_size` sequences: raises on OOM."""
+    """One eager training step with micro-batches of `batch_size` sequences: raises on OOM,
+    returns its peak memory as a fraction of the device's."""
     if d.device_type != "cuda":
         raise UsageError("--auto_batch_size searches a GPU's memory: on the CPU a step that does not fit is "
                          "killed by the kernel rather than reported; set --batch_size")
+    torch.cuda.reset_peak_memory_stats(d.device)
     model = GPT(mc).to(d.device)
     optimizer = configure_optimizer(model, tc, d.device_type)
     scaler = torch.amp.GradScaler(d.device_type, enabled=tc.dtype == "float16")
@@ -40,14 +47,13 @@ def trial_step(mc, tc, d, batch_size):
     accumulate_gradients(model, model, optimizer, scaler, [(x, y)], 1,
                          autocast(d.device_type, tc.dtype), d, tc.grad_clip)
     scaler.step(optimizer)
-    if d.device_type == "cuda":
-        torch.cuda.synchronize(d.device)
+    torch.cuda.synchronize(d.device)
+    return torch.cuda.max_memory_allocated(d.device) / torch.cuda.get_device_properties(d.device).total_memory
 
 
 def fits(mc, tc, d, batch_size):
     try:
-        trial_step(mc, tc, d, batch_size)
-        return True
+        return trial_step(mc, tc, d, batch_size) <= HEADROOM
     except Exception as e:  # noqa: BLE001 - only an out-of-memory is an answer; anything else is raised
         if not out_of_memory(e):
             raise
@@ -80,6 +86,9 @@ def largest_micro_batch(mc, tc, d, rows_per_rank):
 
 def rows_per_rank(mc, tc, world_size):
     """Sequences each rank trains per step: the pool --auto_batch_size splits into micro-batches."""
+    if tc.gradient_accumulation_steps:
+        raise UsageError("--auto_batch_size chooses the micro-batch and so the accumulation: leave "
+                         "--gradient_accumulation_steps at 0")
     if not tc.total_batch_size:
         raise UsageError("--auto_batch_size needs --total_batch_size (with 0 the micro-batch would set the "
                          "tokens per step, and a run's tokens per step must not depend on its device)")

@@ -50,16 +50,32 @@ def resolve_config(argv, usage):
         changed = differences(saved_configs(ckpt), (mc, tc))
         if changed:
             raise UsageError(f"{out_dir} holds a run with another config ({'; '.join(changed)}); continue it "
-                             "with --resume, or choose another --out_dir or --run_name")
+                             "with its own config (its flags, or --resume without the differing ones), or "
+                             "choose another --out_dir or --run_name")
     elif not tc.dry_run and os.path.exists(os.path.join(out_dir, "config.json")):  # stopped before a checkpoint
-        with open(os.path.join(out_dir, "config.json")) as f:
-            meta = json.load(f)
+        meta = run_config(out_dir)
         changed = differences(known_fields(meta["model"], meta["train"]), (mc, tc))
         if changed:
             raise UsageError(f"{out_dir} holds a run with another config ({'; '.join(changed)}); choose "
                              "another --out_dir or --run_name")
+    elif not tc.dry_run and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+        raise UsageError(f"{out_dir} holds metrics.jsonl but no config.json or checkpoint: not a run train.py "
+                         "can continue; choose another --out_dir")
     tc = dataclasses.replace(tc, run_name=run_name, out_dir=out_dir)
     return mc, tc, ckpt
+
+
+def run_config(out_dir):
+    """A run directory's config.json as train.py wrote it; UsageError for anything else there."""
+    path = os.path.join(out_dir, "config.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        if isinstance(meta, dict) and isinstance(meta.get("model"), dict) and isinstance(meta.get("train"), dict):
+            return meta
+    except (OSError, ValueError):
+        pass
+    raise UsageError(f"{path} was not written by train.py (a model export?); choose another --out_dir")
 
 
 def saved_configs(ckpt):

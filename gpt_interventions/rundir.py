@@ -21,8 +21,8 @@ class Run:
         if not master:
             return
         os.makedirs(self.dir, exist_ok=True)
-        for name in ("ckpt.pt", "metrics.jsonl", "config.json"):  # temp files of writes a crash cut short
-            for stray in glob.glob(glob.escape(os.path.join(self.dir, name)) + ".tmp.*"):
+        for name in ("ckpt.pt", "metrics.jsonl", "config.json", "ckpt_[0-9]*.pt"):  # temp files of writes
+            for stray in glob.glob(os.path.join(glob.escape(self.dir), name) + ".tmp.*"):  # a crash cut short
                 os.remove(stray)
         if resume_step is not None and os.path.exists(self.metrics_path):
             # rows logged after the checkpoint will be logged again, and a row cut short by a crash
@@ -52,8 +52,9 @@ class Run:
 def keep_snapshots(out_dir, path, step, keep):
     """Hard-link the new checkpoint as ckpt_STEP.pt and delete snapshots beyond the last `keep`."""
     snap = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
-    if not os.path.exists(snap):
-        os.link(path, snap)
+    tmp = f"{snap}.tmp.{os.getpid()}"
+    os.link(path, tmp)
+    os.replace(tmp, snap)  # a snapshot left by an attempt that was restarted is replaced, not kept
     snaps = [m for m in map(re.compile(r"ckpt_(\d+)\.pt").fullmatch, os.listdir(out_dir)) if m]
     for old in sorted(snaps, key=lambda m: int(m[1]))[:-keep]:  # by step: ckpt_10000000 is newer than ckpt_9999999
         os.remove(os.path.join(out_dir, old[0]))

@@ -106,3 +106,29 @@ def test_two_nodes_on_one_machine_match_one_process(tmp_path):
     assert [node.returncode for node in nodes] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
     assert "2 ranks x 1 micro-batches" in results[0][0] + results[1][0]
     close_to(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_nodes_that_see_different_run_directories_refuse_to_train_together(tmp_path):
+    # each "node" has its own working directory, as machines with their own disks: after a first
+    # run, one node's ranks see its checkpoint and the other's none; a restart must not mix them
+    data_dir = make_shards(tmp_path / "data")
+    flags = tiny_flags(data_dir, "run", max_iters=2, batch_size=4)
+
+    def launch():
+        port = free_port()
+        nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                                   "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=own-disks",
+                                   os.path.join(ROOT, "train.py"), *flags], cwd=tmp_path / node,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for node in ("a", "b")]
+        return [(node.communicate(timeout=300), node.returncode) for node in nodes]
+    for node in ("a", "b"):
+        (tmp_path / node).mkdir()
+    assert [rc for _, rc in launch()] == [0, 0]
+    assert [os.path.isdir(tmp_path / n / "run") for n in ("a", "b")].count(True) == 1  # rank 0 wrote one
+    second = launch()
+    assert all(rc != 0 for _, rc in second)
+    for (out, err), _ in second:
+        assert "the ranks found different checkpoints in run (steps 0 to 2): a run directory must be on " \
+               "storage that every node shares" in err

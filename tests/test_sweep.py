@@ -218,4 +218,4 @@ charts = false\n""")
     os.remove(tmp_path / "out" / "sw-00-baseline-s43" / "eval.json")
     os.rename(tmp_path / "data", tmp_path / "moved")
     failed = subprocess.run(["sh", "sw/run.sh"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert failed.returncode != 0 and "no test shards" in failed.stderr and "group" not in failed.stdout
+    assert failed.returncode != 0 and "shards in" in failed.stderr and "group" not in failed.stdout

@@ -243,6 +243,7 @@ def test_auto_batch_size_finds_the_largest_micro_batch_that_fits_and_a_resume_ke
         tried.append(batch_size)
         if batch_size > 8:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return batch_size / 10  # its peak, a fraction of the memory: 8 leaves the headroom
     with pytest.raises(UsageError, match="searches a GPU's memory: on the CPU"):
         trial(None, None, Dist(0, 0, 1, "cpu"), 8)
     monkeypatch.setattr(microbatch, "trial_step", small_device)
@@ -260,3 +261,20 @@ def test_auto_batch_size_finds_the_largest_micro_batch_that_fits_and_a_resume_ke
     monkeypatch.setattr(microbatch, "trial_step", lambda *a: pytest.fail("a resumed run searched again"))
     run(data_dir, tmp_path / "auto", auto_batch_size=True, **flags)
     assert curve(out) == curve(tmp_path / "eight")
+
+
+def test_a_resume_on_another_thread_count_and_a_restart_budget_without_the_store_fix_are_told(data_dir, tmp_path,
+                                                                                             monkeypatch):
+    flags = dict(max_iters=4, checkpoint_interval=2, keep_checkpoints=2)
+    out = run(data_dir, tmp_path / "run", **flags)
+    os.replace(os.path.join(out, "ckpt_0000002.pt"), os.path.join(out, "ckpt.pt"))  # as if stopped at step 2
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    try:
+        torch.set_num_threads(threads + 1)
+        run(data_dir, tmp_path / "run", **flags)  # the same command: continues from step 2
+    finally:
+        torch.set_num_threads(threads)
+    log = open(os.path.join(out, "log.txt")).read()
+    assert f"note: the run used {threads} CPU threads and goes on with {threads + 1}" in log
+    assert "launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in log

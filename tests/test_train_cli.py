@@ -135,12 +135,24 @@ def test_token_ids_outside_the_vocabulary(data_dir, tmp_path):
     fails(tiny_flags(data_dir, str(tmp_path / "o"), vocab_size=100), "outside the model's vocab_size 100")
 
 
+def test_a_directory_that_is_not_a_run_is_refused(data_dir, tmp_path):
+    export = str(tmp_path / "hf")
+    os.makedirs(export)
+    with open(os.path.join(export, "config.json"), "w") as f:
+        f.write('{"model_type": "gpt2"}')  # a Hugging Face export, say
+    fails(tiny_flags(data_dir, export), "config.json was not written by train.py (a model export?)")
+    stray = str(tmp_path / "stray")
+    os.makedirs(stray)
+    open(os.path.join(stray, "metrics.jsonl"), "w").close()
+    fails(tiny_flags(data_dir, stray), "holds metrics.jsonl but no config.json or checkpoint")
+
+
 def test_existing_run_is_never_overwritten(data_dir, tmp_path, capsys):
     out = str(tmp_path / "o")
     train.main(tiny_flags(data_dir, out, max_iters=2, total_batch_size=128))
     before = snapshot(out)
     fails(tiny_flags(data_dir, out, max_iters=2, total_batch_size=128, grad_clip=1.0),
-          "holds a run with another config (grad_clip: 0.0 -> 1.0); continue it with --resume")
+          "holds a run with another config (grad_clip: 0.0 -> 1.0); continue it with its own config")
     assert snapshot(out) == before
     capsys.readouterr()
     train.main(tiny_flags(data_dir, out, max_iters=2, total_batch_size=128))  # the same command: it is done
