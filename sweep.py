@@ -23,7 +23,7 @@ from gpt_interventions import ROOT, design, stats
 from gpt_interventions.cli import field, load_preset, parse_config
 from gpt_interventions.errors import UsageError, run_main
 from gpt_interventions.results import IGNORED, REPLICATE, group_runs, load_runs
-from gpt_interventions.stats import CORRECTIONS, t_quantile
+from gpt_interventions.stats import CORRECTIONS
 from gpt_interventions.verdicts import pooled_std
 from gpt_interventions.tables import fmt, table
 from gpt_interventions.training import TrainConfig
@@ -317,11 +317,8 @@ def analyze(patterns, factors, sc):
     if fit.confounded:
         print("not estimable (confounded with a mix of fitted effects): " + ", ".join(fit.confounded))
     print(f"noise: {fit.noise}" + (f", std {fit.sigma:.6f}" if fit.sigma is not None else ""))
-    q = t_quantile(0.975, fit.df) if fit.df else None
     tests = [stats.Comparison(e.estimate, None, None, None, "") if e.se is None else
-             stats.Comparison(e.estimate, e.estimate - q * e.se, e.estimate + q * e.se,
-                              stats.two_sided_p(e.estimate / e.se, fit.df), "t", e.se, fit.df)
-             for e in fit.effects]
+             stats.t_comparison(e.estimate, e.se, fit.df, "t") for e in fit.effects]
     stats.adjust(tests, sc.correction)
     rows = []
     for e, c in zip(fit.effects, tests):

@@ -75,7 +75,7 @@ def two_sided_p(t, df):
     return float(2 * (sp.norm.sf(abs(t)) if math.isinf(df) else sp.t.sf(abs(t), df)))
 
 
-def _from_t(delta, se, df, test):
+def t_comparison(delta, se, df, test):
     """Interval and p-value of a t (df finite) or z (df inf) statistic."""
     q = t_quantile(0.5 + LEVEL / 2, df)
     return Comparison(delta, delta - q * se, delta + q * se, two_sided_p(delta / se, df), test, se, df)
@@ -116,7 +116,7 @@ def with_noise(a, b, sd, noise_n, noise_name):
         return Comparison(ma - mb, None, None, None, f"std of {noise_name} is zero: no noise estimate")
     df = math.inf if noise_n is None else noise_n - 1
     what = f"z with given std {sd:g}" if noise_n is None else f"t with std of {noise_name} (n={noise_n})"
-    return _from_t(ma - mb, sd * math.sqrt(1 / na + 1 / nb), df, f"{what}, n={na} vs {nb}")
+    return t_comparison(ma - mb, sd * math.sqrt(1 / na + 1 / nb), df, f"{what}, n={na} vs {nb}")
 
 
 def bootstrap(a, b, seed=0):
