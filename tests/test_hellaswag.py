@@ -19,7 +19,7 @@ import compare
 import eval as eval_script
 from gpt_interventions import hellaswag
 from gpt_interventions.errors import UsageError
-from gpt_interventions.formats import load_model
+from gpt_interventions.formats import export_book, load_model
 from gpt_interventions.tokenizer import get_tokenizer
 from model import GPT, GPTConfig
 
@@ -118,6 +118,18 @@ def test_a_hugging_face_gpt2_scores_as_transformers_computes(input_file, tmp_pat
     s, _ = scored(model, input_file)
     with torch.no_grad():
         check_against(s, reference(lambda x: hf(x).logits, BLOCK))
+
+
+def test_the_books_format_scores_as_the_model_it_was_exported_from(input_file, tmp_path):
+    model = random_weights(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK, vocab_size=GPT2_VOCAB,
+                                         dropout=0.0, qkv_bias=True)), seed=1)
+    export_book(model, str(tmp_path / "book"))
+    book, info = load_model(str(tmp_path / "book"))
+    assert info["source"] == "book"
+    ours, theirs = scored(model, input_file)[0], scored(book, input_file)[0]
+    assert (theirs.correct_norm, theirs.correct) == (ours.correct_norm, ours.correct)
+    for i in ours.losses:
+        assert torch.equal(theirs.losses[i][0], ours.losses[i][0]) and torch.equal(theirs.losses[i][1], ours.losses[i][1])
 
 
 @pytest.fixture(scope="module")
