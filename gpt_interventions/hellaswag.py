@@ -115,8 +115,8 @@ def encode(examples, block_size, enc):
         ends = [enc.encode_ordinary(" " + e) for e in ex.endings]
         room = block_size - max(len(e) for e in ends)
         if room < 1:  # an ending needs one token of context before it
-            raise UsageError(f"the example at line {ex.line}: an ending of {block_size - room} tokens leaves no room for the "
-                             f"context in the model's block_size {block_size}")
+            raise UsageError(f"the example at line {ex.line}: an ending of {block_size - room} tokens leaves "
+                             f"no room for the context in the model's block_size {block_size}")
         if len(ctx) > room:
             ctx, cut = ctx[-room:], cut + 1
         out.append((ctx, ends, ex.label))
