@@ -128,8 +128,8 @@ def test_the_books_format_scores_as_the_model_it_was_exported_from(input_file, t
     assert info["source"] == "book"
     ours, theirs = scored(model, input_file)[0], scored(book, input_file)[0]
     assert (theirs.correct_norm, theirs.correct) == (ours.correct_norm, ours.correct)
-    for i in ours.losses:
-        assert torch.equal(theirs.losses[i][0], ours.losses[i][0]) and torch.equal(theirs.losses[i][1], ours.losses[i][1])
+    for i, (means, sums) in ours.losses.items():
+        assert torch.equal(theirs.losses[i][0], means) and torch.equal(theirs.losses[i][1], sums)
 
 
 @pytest.fixture(scope="module")
