@@ -12,8 +12,11 @@ or z with another group's std or a given one (gpt_interventions/verdicts.py, sta
 verdicts of one table are corrected as a family (Holm by default), so that ten comparisons keep a
 5% chance of any false "better" or "worse". --results adds runs made elsewhere (CSV or JSONL);
 --reference adds models scored by eval.py (original GPT-2 weights, say) from its results ledger.
+Runs scored with `eval.py RUN --task=hellaswag` get a HellaSwag acc_norm column and a second
+verdict table for it, judged the same way from the runs' spread (higher is better).
 """
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -56,6 +59,7 @@ class Reference:
     name: str
     loss: float
     tokens: int
+    accuracy: float | None = None  # its latest HellaSwag acc_norm in the ledger
 
 
 def load_references(specs, ledger, runs):
@@ -95,7 +99,9 @@ def load_references(specs, ledger, runs):
             raise UsageError(f"--reference={spec}: no {dataset}/test row in {ledger} with the runs' {want} at "
                              f"block_size {block}{have}; score it: python eval.py {spec} --dataset={dataset}"
                              f"{flag} --ledger={ledger}")
-        refs.append(Reference(spec, same[-1]["loss"], same[-1]["tokens"]))
+        task = [r for r in rows if isinstance(r, dict) and spec in (r.get("model"), r.get("hub_id"))
+                and r.get("task") == "hellaswag"]
+        refs.append(Reference(spec, same[-1]["loss"], same[-1]["tokens"], task[-1]["acc_norm"] if task else None))
     return refs
 
 
@@ -104,8 +110,14 @@ def hms(seconds):
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def accuracy_text(acc):
+    return "n/a" if acc is None else f"{acc:.4f}"
+
+
 def run_table(runs, baseline, base_mean, cc, refs=()):
-    headers = ["run", "interventions", "seed", "test loss", "delta", "train loss", "tokens", "wall", "tok/s"]
+    scored = any(r.accuracy is not None for r in runs)  # the HellaSwag column only when a run has it
+    headers = ["run", "interventions", "seed", "test loss", "delta", *(["hellaswag"] if scored else []),
+               "train loss", "tokens", "wall", "tok/s"]
     headers += ["cost (USD)"] if cc.usd_per_hour else []
     rows = []
     for r in runs:
@@ -114,13 +126,15 @@ def run_table(runs, baseline, base_mean, cc, refs=()):
         delta = "" if r.loss is None or base_mean is None else f"{r.loss - base_mean:+.6f}"
         train, tokens, wall = r.last("loss"), r.last("tokens") or 0, r.wall_s
         row = [r.name, diff(r.config, baseline.config) or "baseline", seed, loss, delta,
-               f"{train:.4f}" if train is not None else "n/a", f"{tokens:,}", hms(wall),
-               f"{tokens / wall:,.0f}" if wall else "n/a"]
+               *([accuracy_text(r.accuracy)] if scored else []), f"{train:.4f}" if train is not None else "n/a",
+               f"{tokens:,}", hms(wall), f"{tokens / wall:,.0f}" if wall else "n/a"]
         row += [f"{wall / 3600 * r.world_size * cc.usd_per_hour:.2f}"] if cc.usd_per_hour else []
         rows.append(row)
     for ref in refs:
         delta = "" if base_mean is None else f"{ref.loss - base_mean:+.6f}"
-        rows.append([ref.name, "reference (eval.py)", "", f"{ref.loss:.6f}", delta] + [""] * (len(headers) - 5))
+        acc = [accuracy_text(ref.accuracy)] if scored else []
+        rows.append([ref.name, "reference (eval.py)", "", f"{ref.loss:.6f}", delta, *acc]
+                    + [""] * (len(headers) - 5 - len(acc)))
     return table(headers, rows, cc.markdown)
 
 
@@ -168,9 +182,8 @@ def noise_lines(sources, noise, rows, cc):
     return lines
 
 
-def report(runs, rows, refs, base_mean, sources, noise, cc):
-    """The --json object."""
-    group_of = {id(run): r.group.label for r in rows for run in r.group.runs}
+def json_rows(rows, cc):
+    """The verdict table's rows as plain data."""
     out_rows = []
     for r in rows:
         c = r.comparison
@@ -185,13 +198,29 @@ def report(runs, rows, refs, base_mean, sources, noise, cc):
                 row["unpaired"] = {"test": c.other["unpaired_test"], "ci_low": c.other["unpaired_ci_low"],
                                    "ci_high": c.other["unpaired_ci_high"], "p": c.other["unpaired_p"]}
         out_rows.append(row)
-    return {"baseline": rows[0].group.runs[0].name if rows else None, "correction": cc.correction,
-            "rows": out_rows,
+    return out_rows
+
+
+def report(runs, rows, refs, base_mean, sources, noise, cc, accuracy=None):
+    """The --json object; accuracy: the HellaSwag verdicts (rows, sources, noise) when runs have them."""
+    group_of = {id(run): r.group.label for r in rows for run in r.group.runs}
+    out = {"baseline": rows[0].group.runs[0].name if rows else None, "correction": cc.correction,
+            "rows": json_rows(rows, cc),
             "runs": [{"run": x.name, "dir": x.dir, "group": group_of.get(id(x)), "seed": x.config.get("seed"),
                       "data_seed": x.config.get("data_seed"), "loss": x.loss, "source": x.source} for x in runs],
             "references": [{"name": f.name, "loss": f.loss, "delta": None if base_mean is None else f.loss - base_mean}
                            for f in refs],
-            "noise": {k: {"std": s, "df": df} for k, (s, df) in sources.items()},
+            **noise_json(sources, noise)}
+    if accuracy is not None:
+        acc_rows, acc_sources, acc_noise = accuracy
+        out["runs"] = [{**r, "hellaswag": x.accuracy} for r, x in zip(out["runs"], runs)]
+        out["references"] = [{**r, "hellaswag": f.accuracy} for r, f in zip(out["references"], refs)]
+        out["hellaswag"] = {"metric": "acc_norm", "rows": json_rows(acc_rows, cc), **noise_json(acc_sources, acc_noise)}
+    return out
+
+
+def noise_json(sources, noise):
+    return {"noise": {k: {"std": s, "df": df} for k, (s, df) in sources.items()},
             "noise_used": None if noise is None else {"std": noise[0], "n": noise[1], "from": noise[2]}}
 
 
@@ -204,6 +233,10 @@ def notes(runs):
     if len(budgets) > 1:
         out.append("warning: test losses come from different datasets or token budgets: "
                    + ", ".join(f"{d}/{t}" for d, t in sorted(budgets)))
+    counts = {r.accuracy_examples for r in runs if r.accuracy is not None}
+    if len(counts) > 1:
+        out.append("warning: HellaSwag accuracies come from different numbers of examples: "
+                   + ", ".join(map(str, sorted(counts))))
     if any(r.loss is None and r.source != "nonfinite" for r in runs):
         out.append("n/a: a run with neither a test nor a validation loss")
     if any(r.source == "nonfinite" for r in runs):
@@ -211,20 +244,21 @@ def notes(runs):
     return out
 
 
-def pick_noise(cc, runs, groups):
+def pick_noise(cc, runs, groups, loss=True):
     """(std, n or None, name) that judges a group with a single run: --noise_std (known), the
-    group of --noise_from, else the baseline's group when it has replicates."""
-    if cc.noise_std and cc.noise_from:
+    group of --noise_from, else the baseline's group when it has replicates. loss=False (HellaSwag
+    accuracies): --noise_std, a std of the loss, does not apply; no replicates is no estimate."""
+    if loss and cc.noise_std and cc.noise_from:
         raise UsageError("--noise_std and --noise_from: give one")
-    if not (math.isfinite(cc.noise_std) and cc.noise_std >= 0):
+    if loss and not (math.isfinite(cc.noise_std) and cc.noise_std >= 0):
         raise UsageError(f"--noise_std must be a finite std (0: measure it), got {cc.noise_std}")
-    if cc.noise_std:
+    if loss and cc.noise_std:
         return cc.noise_std, None, f"--noise_std={cc.noise_std:g} (given)"
     source = find(runs, cc.noise_from, "noise_from") if cc.noise_from else None
     group = next(g for g in groups if source in g.runs) if source else groups[0]
     if len(group.losses) >= 2:
         return summary(group.losses)[1], len(group.losses), group.label
-    if cc.noise_from:
+    if cc.noise_from and loss:
         raise UsageError(f"--noise_from={cc.noise_from}: its group has {len(group.losses)} run(s); "
                          "replicates (other seeds) are needed to measure the noise")
     return None
@@ -247,14 +281,23 @@ def main(argv):
     refs += [Reference(name, loss, None) for name, loss in imported_refs]
     base_mean = summary(groups[0].losses)[0] if groups[0].losses else None
     sources = noise_sources(groups)
+    accuracy = judge_accuracy(runs, baseline, cc)
     if cc.json:
-        print(json.dumps(report(runs, rows, refs, base_mean, sources, noise, cc), indent=2))
+        print(json.dumps(report(runs, rows, refs, base_mean, sources, noise, cc, accuracy), indent=2))
     else:
         print(run_table(runs, baseline, base_mean, cc, refs))
         print()
         print(group_table(rows, cc))
         for line in noise_lines(sources, noise, rows, cc) + notes(runs):
             print(line)
+        if accuracy is not None:
+            acc_rows, acc_sources, acc_noise = accuracy
+            print()
+            print("HellaSwag acc_norm (higher is better):")
+            print(group_table(acc_rows, cc) if acc_rows else "no verdicts: the baseline has no HellaSwag "
+                  f"accuracy (python eval.py {baseline.dir} --task=hellaswag)")
+            for line in noise_lines(acc_sources, acc_noise, acc_rows, cc):
+                print(f"hellaswag {line}")
     if cc.charts:
         from gpt_interventions.charts import save
         label = {id(run): g.label for g in groups for run in g.runs}
@@ -262,6 +305,20 @@ def main(argv):
                      cc.charts)
         if not cc.json:
             print(f"charts: {', '.join(drawn)}")
+
+
+def judge_accuracy(runs, baseline, cc):
+    """(verdict rows, noise sources, noise used) of the runs' HellaSwag acc_norm, by the code path of
+    the losses: the same groups, tests and correction; None when no run has an accuracy. Rows are
+    empty when the baseline's group has none."""
+    if all(r.accuracy is None for r in runs):
+        return None
+    scored = [dataclasses.replace(r, loss=r.accuracy, source="hellaswag") for r in runs]
+    groups = group_runs(scored, next(s for s, r in zip(scored, runs) if r is baseline))
+    if not groups[0].losses:
+        return [], {}, None
+    noise = pick_noise(cc, scored, groups, loss=False)
+    return judge(groups, noise, cc.correction, test=cc.test, higher_is_better=True), noise_sources(groups), noise
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@
 
     python eval.py MODEL [--dataset=story] [--split=test] [--eval_tokens=N] [--json] ...
     python eval.py MODEL --export_hf=DIR      (or --export_book=DIR)
+    python eval.py MODEL --task=hellaswag [--input=hellaswag_val.jsonl]
     torchrun --standalone --nproc_per_node=8 eval.py MODEL
 
 MODEL is a checkpoint, a run directory, a Hugging Face GPT-2 directory or hub id, or a model in the
 book's format (gpt_interventions/formats.py), so our runs, the original GPT-2 weights and the
 story's own models are scored by the same code on the same tokens.
 `evaluation.evaluate` is the one function that scores a model; train.py's validation calls it too.
+--task=hellaswag scores HellaSwag's validation accuracy instead (gpt_interventions/hellaswag.py).
 """
 
 import json
@@ -16,6 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from gpt_interventions import hellaswag
 from gpt_interventions.atomic import write_json
 from gpt_interventions.cli import field, parse_config
 from gpt_interventions.device import print0, set_tf32, setup_dist, teardown_dist
@@ -25,6 +28,7 @@ from gpt_interventions.formats import check_new_dir, export_book, export_hf, loa
 from gpt_interventions.loader import eval_windows
 from gpt_interventions.provenance import git_commit
 from gpt_interventions.shards import find_shards
+from gpt_interventions.tokenizer import get_tokenizer
 
 USAGE = "MODEL [--key=value ...]   (MODEL: ckpt.pt, run directory, Hugging Face or book directory, or hub id)"
 
@@ -44,6 +48,10 @@ class EvalConfig:
     export_hf: str = field("", "write MODEL to this new directory in the Hugging Face GPT-2 format, then exit")
     export_book: str = field("", "write MODEL to this new directory in the book's format (model.json, "
                              "model.safetensors), which the book's and the story's code load, then exit")
+    task: str = field("loss", "loss: the held-out loss of --dataset/--split; hellaswag: HellaSwag validation "
+                      "accuracy (acc_norm and acc)", choices=("loss", "hellaswag"))
+    input: str = field("", "--task=hellaswag: a local copy of hellaswag_val.jsonl; empty: download it once "
+                       "into data_dir/hellaswag/")
 
 
 def main(argv):
@@ -66,6 +74,10 @@ def main(argv):
             export_book(model, out)
             print(f"wrote {out}: the book's GPTModel(json.load(model.json)) loads model.safetensors")
         return
+    if ec.task == "hellaswag":
+        return score_hellaswag(spec, ec)
+    if ec.input:
+        raise UsageError("--input is the HellaSwag file of --task=hellaswag")
     d = setup_dist(ec.device)
     shards = find_shards(ec.data_dir, ec.dataset, ec.split)  # before a model download: fail fast
     model, info = load_model(spec, d.device)
@@ -87,8 +99,35 @@ def main(argv):
     teardown_dist()
 
 
+def score_hellaswag(spec, ec):
+    """eval.py MODEL --task=hellaswag: the same model loading, ledger and eval.json as the loss."""
+    examples = hellaswag.read_examples(ec.input) if ec.input else None  # a bad file fails before any load
+    d = setup_dist(ec.device)
+    model, info = load_model(spec, d.device)
+    hellaswag.check_vocab(model)  # before a download: a model that cannot read the file costs nothing
+    path = ec.input or hellaswag.local_copy(os.path.join(ec.data_dir, "hellaswag"))  # every rank: atomic
+    examples = examples or hellaswag.read_examples(path)
+    encoded, cut = hellaswag.encode(examples, model.config.block_size, get_tokenizer())
+    set_tf32(False)
+    t0 = time.time()
+    s = hellaswag.score(model, encoded, d.device, ec.dtype, d.rank, d.world_size)
+    seconds = time.time() - t0
+    row = {**info, "task": "hellaswag", "split": "val", "input": path, "dtype": ec.dtype, "acc_norm": s.acc_norm,
+           "acc": s.acc, "examples": s.examples, "correct_norm": s.correct_norm, "correct": s.correct,
+           "truncated": cut, "seconds": round(seconds, 3), "device": d.device, "world_size": d.world_size,
+           "git_commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if d.master:
+        record(row, ec.ledger)
+    cut_note = f"; {cut} contexts cut from the left to fit block_size {model.config.block_size}" if cut else ""
+    print0(json.dumps(row) if ec.json else
+           f"hellaswag/val acc_norm {s.acc_norm:.4f} acc {s.acc:.4f} examples {s.examples:,} "
+           f"model {info['model']} ({duration(seconds)}{cut_note})")
+    teardown_dist()
+
+
 def record(row, ledger):
-    """Append to the ledger; for one of our runs also keep the latest result per split in eval.json."""
+    """Append to the ledger; for one of our runs also keep the latest result per split in eval.json
+    (under dataset/split, or hellaswag/val for --task=hellaswag)."""
     if ledger:
         with open(ledger, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -99,7 +138,7 @@ def record(row, ledger):
         if os.path.isfile(path):
             with open(path) as f:
                 results = json.load(f)
-        results[f"{row['dataset']}/{row['split']}"] = row
+        results[f"{row.get('task') or row['dataset']}/{row['split']}"] = row
         write_json(path, results)
 
 

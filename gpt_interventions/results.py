@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from gpt_interventions.checkpoint import model_config_of
 from gpt_interventions.cli import parse_config
 from gpt_interventions.errors import UsageError
+from gpt_interventions.hellaswag import RESULT_KEY
 from gpt_interventions.tables import fmt
 from gpt_interventions.training import RUNTIME_FIELDS, TrainConfig
 from model import GPTConfig
@@ -33,6 +34,8 @@ class FinishedRun:
     source: str          # "test" or "val" (no test evaluation yet)
     test_tokens: int | None
     world_size: int
+    accuracy: float | None = None        # HellaSwag acc_norm from eval.json, if scored
+    accuracy_examples: int | None = None
 
     def last(self, key):
         return next((r[key] for r in reversed(self.rows) if r.get(key) is not None), None)
@@ -58,14 +61,18 @@ def load_run(run_dir):
         raise UsageError(f"{run_dir} is not a readable run directory ({e})") from None
     config = {**model_config_of(meta["model"]), **meta["train"]}
     name = config.get("run_name") or os.path.basename(os.path.normpath(run_dir))
-    test, tokens = None, None
+    test, tokens, results = None, None, {}
     eval_path = os.path.join(run_dir, "eval.json")
     if os.path.isfile(eval_path):
         with open(eval_path) as f:
-            row = json.load(f).get(f"{config['dataset']}/test")  # eval.py's key: dataset/split
+            results = json.load(f)
+        row = results.get(f"{config['dataset']}/test")  # eval.py's key: dataset/split
         if row:
             test, tokens = row["loss"], row["tokens"]
     run = FinishedRun(name, run_dir, config, rows, test, "test", tokens, meta.get("env", {}).get("world_size", 1))
+    task = results.get(RESULT_KEY)  # eval.py --task=hellaswag
+    if task:
+        run.accuracy, run.accuracy_examples = task["acc_norm"], task["examples"]
     if test is None:
         run.loss, run.source = run.last("val_loss"), "val"
     if run.loss is not None and not math.isfinite(run.loss):  # a diverged run: no loss to compare

@@ -1,7 +1,7 @@
 """Comparing groups of runs: intervals, p-values, verdicts, multiplicity, power. scipy does the
 distributions, tests and bootstrap; this module chooses the test that the sample sizes allow.
 
-A comparison is mean(a) - mean(b) of test losses (negative: a is better) with a 95% interval and
+A comparison is mean(a) - mean(b) of test losses (negative: a is better; of accuracies, positive) with a 95% interval and
 a two-sided p-value. Its verdict reads the p-value after the table's family-wise correction
 (Holm by default), so a table of ten comparisons keeps its chance of any false verdict at 5%.
 """
@@ -52,14 +52,16 @@ class Comparison:
     correction: str = "none"
     other: dict = field(default_factory=dict)  # the unpaired interval of a paired comparison
 
+    higher_is_better: bool = False  # an accuracy rather than a loss
+
     @property
     def verdict(self):
-        """Lower loss is better: `better` or `worse` only when the corrected p is below 5%."""
+        """Lower loss (higher accuracy) is better: `better` or `worse` only when the corrected p is below 5%."""
         if self.p is None:
             return "no noise estimate"
         p = self.p if self.p_adjusted is None else self.p_adjusted
         if p < ALPHA:
-            return "better" if self.delta < 0 else "worse"
+            return "better" if (self.delta > 0 if self.higher_is_better else self.delta < 0) else "worse"
         return "within noise"
 
 

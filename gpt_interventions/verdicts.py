@@ -41,12 +41,14 @@ def aligned(group, base):
     return group.losses, base.losses, False
 
 
-def judge(groups, noise=None, correction="holm", sensitivity=True, test="auto"):
+def judge(groups, noise=None, correction="holm", sensitivity=True, test="auto", higher_is_better=False):
     """Verdicts of groups[1:] against groups[0] (the baseline), Holm-corrected by default.
 
     noise = (std, n or None, name): the run-to-run std that judges a group with a single run (n:
     the runs it was measured on; None: a given, known std). sensitivity: also find each row's
-    smallest detectable difference (a root search; the simulations skip it, it decides nothing)."""
+    smallest detectable difference (a root search; the simulations skip it, it decides nothing).
+    The groups' values are test losses, or accuracies with higher_is_better (the deltas and tests
+    are the same; only which sign is `better` turns)."""
     base = groups[0]
     rows = []
     for g in groups:
@@ -56,6 +58,7 @@ def judge(groups, noise=None, correction="holm", sensitivity=True, test="auto"):
         if g is not base and base.losses:
             a, b, pairs = aligned(g, base)
             row.comparison = compare(a, b, noise, pairs, test)
+            row.comparison.higher_is_better = higher_is_better
         rows.append(row)
     comparisons = [r.comparison for r in rows if r.comparison is not None]
     adjust(comparisons, correction)

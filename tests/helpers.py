@@ -74,10 +74,11 @@ def tiny_hf(path, vocab=VOCAB, tie=True, seed=0):
     return hf.eval()
 
 
-def fake_run(root, name, test_loss=None, rows=(), world_size=1, **config):
+def fake_run(root, name, test_loss=None, rows=(), world_size=1, hellaswag=None, **config):
     """A run directory as train.py and eval.py leave it, with made-up numbers (compare/sweep tests).
 
-    config overrides train.py's defaults; rows are metrics.jsonl rows; test_loss goes to eval.json.
+    config overrides train.py's defaults; rows are metrics.jsonl rows; test_loss and hellaswag
+    (an acc_norm, as eval.py --task=hellaswag records it) go to eval.json.
     """
     import dataclasses
 
@@ -93,9 +94,14 @@ def fake_run(root, name, test_loss=None, rows=(), world_size=1, **config):
         json.dump({"model": mc, "train": tc, "env": {"world_size": world_size}}, f)
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
+    results = {}
     if test_loss is not None:
+        results[f"{tc['dataset']}/test"] = {"loss": test_loss, "tokens": 1024}
+    if hellaswag is not None:
+        results["hellaswag/val"] = {"task": "hellaswag", "split": "val", "acc_norm": hellaswag, "examples": 10042}
+    if results:
         with open(os.path.join(out, "eval.json"), "w") as f:
-            json.dump({f"{tc['dataset']}/test": {"loss": test_loss, "tokens": 1024}}, f)
+            json.dump(results, f)
     return out
 
 
