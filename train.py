@@ -42,6 +42,7 @@ from gpt_interventions.rundir import Run, keep_snapshots
 from gpt_interventions.schedule import get_lr
 from gpt_interventions.shards import find_shards
 from gpt_interventions.step import accumulate_gradients, step_seed, wrap_model
+from gpt_interventions.trackers import check_trackers
 from gpt_interventions.training import Plan, TrainConfig, make_plan
 from model import GPT, GPTConfig
 
@@ -50,6 +51,7 @@ USAGE = "[config/PRESET.toml ...] [--key=value ...]"
 
 def main(argv):
     mc, tc, ckpt = resolve_config(argv, USAGE)
+    check_trackers(tc.tracker)
     if tc.dry_run:
         return dry_run(mc, tc)
     d = setup_dist(tc.device)
@@ -220,6 +222,7 @@ def train(mc, tc, ckpt, d, stop):
         if stopping and not last:
             run.log(f"stopped by {stop.signal or 'a signal on another rank'} after step {done}; checkpoint "
                     f"saved. Resume with: python train.py --resume --out_dir={tc.out_dir}")
+            run.trackers.close()
             return
     finish(t)
 
@@ -237,9 +240,10 @@ def record_start(t, start, resumed):
         with open(config_path) as f:
             before = json.load(f).get("env", {}).get("threads")
     if t.d.master:
-        write_json(config_path, {
-            "model": asdict(t.mc), "train": asdict(t.tc), "derived": derived(t.tc, t.plan, t.d.world_size, t.model),
-            "env": environment(t.d.device)})
+        config = {"model": asdict(t.mc), "train": asdict(t.tc),
+                  "derived": derived(t.tc, t.plan, t.d.world_size, t.model), "env": environment(t.d.device)}
+        write_json(config_path, config)
+        t.run.trackers.config(config, start)
     t.run.log(f"{'resuming' if resumed else 'starting'} {t.tc.out_dir} at step {start}: {num_params:,} parameters, "
               f"{t.plan.tokens_per_step:,} tokens/step = {t.d.world_size} ranks x {t.plan.accum} micro-batches x "
               f"{t.tc.batch_size} x {t.mc.block_size}, {t.plan.max_steps} steps")
@@ -371,7 +375,10 @@ def finish(t):
     t.run.log(f"done: {t.plan.max_steps} steps, checkpoint {os.path.join(t.tc.out_dir, 'ckpt.pt')}")
     if t.tc.charts and t.d.master:  # last, after the checkpoint: drawing can cost the run nothing
         from gpt_interventions.charts import plot_run  # lazily: matplotlib only loads for a finished run
-        t.run.log(f"charts: {', '.join(plot_run(t.tc.out_dir))}")
+        paths = plot_run(t.tc.out_dir)
+        t.run.log(f"charts: {', '.join(paths)}")
+        t.run.trackers.images(paths, t.plan.max_steps)
+    t.run.trackers.close()
 
 
 def _append_failed(why, step, saved_step, tc):

@@ -1,4 +1,5 @@
-"""The run directory on rank 0: log.txt, metrics.jsonl, and checkpoint snapshots."""
+"""The run directory on rank 0: log.txt, metrics.jsonl, and checkpoint snapshots; the trackers
+(gpt_interventions/trackers.py) get each metrics row as it is written."""
 
 import glob
 import json
@@ -8,6 +9,7 @@ import re
 
 from gpt_interventions.atomic import atomic_write
 from gpt_interventions.device import print0
+from gpt_interventions.trackers import Trackers, open_trackers
 
 
 class Run:
@@ -18,18 +20,23 @@ class Run:
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
         self.log_path = os.path.join(self.dir, "log.txt")
         self.failed = None  # why an append failed (a full disk): train.py then stops every rank
+        self.trackers = Trackers()  # none but on rank 0
         if not master:
             return
         os.makedirs(self.dir, exist_ok=True)
-        for name in ("ckpt.pt", "metrics.jsonl", "config.json", "ckpt_[0-9]*.pt"):  # temp files of writes
+        for name in ("ckpt.pt", "metrics.jsonl", "config.json", "ckpt_[0-9]*.pt", "wandb_run.json"):  # temp files of writes
             for stray in glob.glob(os.path.join(glob.escape(self.dir), name) + ".tmp.*"):  # a crash cut short
                 os.remove(stray)
+        replayed = 0  # the last step an earlier attempt logged (a restart logs again those after its checkpoint)
         if resume_step is not None and os.path.exists(self.metrics_path):
             # rows logged after the checkpoint will be logged again, and a row cut short by a crash
             # ends the file: drop them
             with open(self.metrics_path) as f:
-                rows = [line for line in f if line.endswith("\n") and step_of(line) <= resume_step]
+                lines = [line for line in f if line.endswith("\n")]
+            rows = [line for line in lines if step_of(line) <= resume_step]
             atomic_write(self.metrics_path, lambda f: f.write("".join(rows).encode()))
+            replayed = max((s for s in map(step_of, lines) if s != math.inf), default=0)
+        self.trackers = open_trackers(tc, resume_step or 0, replayed, self.log)
 
     def log(self, msg):
         print0(msg)
@@ -37,6 +44,8 @@ class Run:
 
     def metrics(self, row):
         self._append(self.metrics_path, json.dumps(row) + "\n")
+        if self.failed is None:  # the trackers get the rows metrics.jsonl has, no others
+            self.trackers.metrics(row)
 
     def _append(self, path, text):
         """Append on rank 0; after a failure nothing more (a row cut short ends the file, and a

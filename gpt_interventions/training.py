@@ -65,6 +65,8 @@ class TrainConfig:
     checkpoint_interval: int = field(500, "steps between checkpoints (one is always written at the end)")
     keep_checkpoints: int = field(0, "also keep the last N checkpoints as ckpt_STEP.pt; 0: only ckpt.pt")
     charts: bool = field(True, "draw the run's curves as PNG files in out_dir/charts/ when it finishes")
+    tracker: str = field("none", "also send metrics, config and charts to none, tensorboard (event files in "
+                         "out_dir/tensorboard/), wandb, or tensorboard,wandb (rank 0; pip install the package)")
     dry_run: bool = field(False, "print the resolved config and the plan as JSON and exit: no data read, "
                           "nothing written (ranks from WORLD_SIZE)")
 
@@ -77,7 +79,7 @@ FRACTIONS = {"dropout", "beta1", "beta2"}  # in [0, 1)
 RUNTIME_FIELDS = {"resume", "out_dir", "run_name", "data_dir", "batch_size", "auto_batch_size",
                   "gradient_accumulation_steps", "compile", "device", "log_interval",
                   "eval_interval", "eval_batch_size", "checkpoint_interval", "keep_checkpoints",
-                  "nonfinite", "charts", "dry_run"}
+                  "nonfinite", "charts", "tracker", "dry_run"}
 # deterministic is not among them: its algorithms give other numbers (a repeat's spread is only
 # the hardware's among runs that agree on it)
 # max_iters/max_tokens are not among them: the cosine schedule of the remaining steps depends on them.
