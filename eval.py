@@ -3,6 +3,7 @@
     python eval.py MODEL [--dataset=story] [--split=test] [--eval_tokens=N] [--json] ...
     python eval.py MODEL --export_hf=DIR      (or --export_book=DIR)
     python eval.py MODEL --task=hellaswag [--input=hellaswag_val.jsonl]
+    python eval.py MODEL --push_to_hub=OWNER/NAME [--export_hf=DIR] [--public=True]
     torchrun --standalone --nproc_per_node=8 eval.py MODEL
 
 MODEL is a checkpoint, a run directory, a Hugging Face GPT-2 directory or hub id, or a model in the
@@ -15,7 +16,9 @@ story's own models are scored by the same code on the same tokens.
 import json
 import math
 import os
+import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from gpt_interventions import hellaswag
@@ -27,6 +30,7 @@ from gpt_interventions.evaluation import evaluate
 from gpt_interventions.formats import check_new_dir, export_book, export_hf, load_model
 from gpt_interventions.loader import eval_windows
 from gpt_interventions.provenance import git_commit
+from gpt_interventions.publish import check_push, push_to_hub
 from gpt_interventions.shards import find_shards
 from gpt_interventions.tokenizer import get_tokenizer
 
@@ -45,13 +49,17 @@ class EvalConfig:
     device: str = field("auto", "auto, cpu, cuda or cuda:N")
     json: bool = field(False, "print the result as one JSON object instead of a line")
     ledger: str = field("results.jsonl", "results ledger that gets one row per evaluation; empty: none")
-    export_hf: str = field("", "write MODEL to this new directory in the Hugging Face GPT-2 format, then exit")
+    export_hf: str = field("", "write MODEL to this new directory in the Hugging Face GPT-2 format (weights, "
+                           "tokenizer, generation config, model card), then exit")
     export_book: str = field("", "write MODEL to this new directory in the book's format (model.json, "
                              "model.safetensors), which the book's and the story's code load, then exit")
     task: str = field("loss", "loss: the held-out loss of --dataset/--split; hellaswag: HellaSwag validation "
                       "accuracy (acc_norm and acc)", choices=("loss", "hellaswag"))
     input: str = field("", "--task=hellaswag: a local copy of hellaswag_val.jsonl; empty: download it once "
                        "into data_dir/hellaswag/")
+    push_to_hub: str = field("", "upload MODEL's Hugging Face export (--export_hf, else a temporary directory) "
+                             "to this hub repo id, then exit; the token is HF_TOKEN or `hf auth login`'s")
+    public: bool = field(False, "with --push_to_hub: create the repo public (default: private)")
 
 
 def main(argv):
@@ -61,19 +69,8 @@ def main(argv):
     if ec.eval_tokens < 0 or ec.batch_size <= 0:
         raise UsageError("--eval_tokens must be >= 0 and --batch_size positive")
     spec = positionals[0]
-    if ec.export_hf and ec.export_book:
-        raise UsageError("--export_hf and --export_book: one export per call")
-    if ec.export_hf or ec.export_book:
-        out = ec.export_hf or ec.export_book
-        check_new_dir(out)  # before loading: a refusal costs nothing
-        model, _ = load_model(spec)
-        if ec.export_hf:
-            export_hf(model, out)
-            print(f"wrote {out}: transformers.GPT2LMHeadModel.from_pretrained({out!r}) loads it")
-        else:
-            export_book(model, out)
-            print(f"wrote {out}: the book's GPTModel(json.load(model.json)) loads model.safetensors")
-        return
+    if ec.export_hf or ec.export_book or ec.push_to_hub or ec.public:
+        return export(spec, ec)
     if ec.task == "hellaswag":
         return score_hellaswag(spec, ec)
     if ec.input:
@@ -123,6 +120,31 @@ def score_hellaswag(spec, ec):
            f"hellaswag/val acc_norm {s.acc_norm:.4f} acc {s.acc:.4f} examples {s.examples:,} "
            f"model {info['model']} ({duration(seconds)}{cut_note})")
     teardown_dist()
+
+
+def export(spec, ec):
+    """--export_hf, --export_book, --push_to_hub: MODEL in another format, or uploaded; nothing scored."""
+    if ec.export_book and (ec.export_hf or ec.push_to_hub):
+        raise UsageError("--export_book with --export_hf or --push_to_hub: one format per call "
+                         "(the hub gets the Hugging Face export)")
+    if ec.public and not ec.push_to_hub:
+        raise UsageError("--public applies to --push_to_hub only")
+    out = ec.export_hf or ec.export_book
+    if out:
+        check_new_dir(out)  # before loading: a refusal costs nothing
+    token = check_push(ec.push_to_hub) if ec.push_to_hub else None
+    model, info = load_model(spec)
+    if ec.export_book:
+        export_book(model, out)
+        print(f"wrote {out}: the book's GPTModel(json.load(model.json)) loads model.safetensors")
+        return
+    with nullcontext(out) if out else tempfile.TemporaryDirectory(prefix="export_hf_") as folder:
+        export_hf(model, folder, info, where=ec.push_to_hub or None)
+        if out:
+            print(f"wrote {out}: a Hugging Face GPT-2 model; its README.md says how to load it")
+        if ec.push_to_hub:
+            url, private = push_to_hub(folder, ec.push_to_hub, not ec.public, token, kept=bool(out))
+            print(f"uploaded to {url} ({'private' if private else 'public'})")
 
 
 def record(row, ledger):

@@ -5,13 +5,16 @@ projections as Conv1D, whose weights are (in, out), transposed from nn.Linear. T
 only map names, shapes and configs; gpt_interventions/formats.py reads and writes the files.
 """
 
+import json
+
 import torch
 
 from gpt_interventions.errors import UsageError
-from gpt_interventions.tokenizer import EOT
+from gpt_interventions.tokenizer import ENCODER_JSON, EOT, GPT2_VOCAB, VOCAB_BPE
 from model import GPTConfig
 
 FILES = ("config.json", "model.safetensors")
+EOT_TEXT = "<|endoftext|>"
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 # causal-mask buffers that older GPT-2 files (the original OpenAI upload) carry; not weights
 BUFFERS = (".attn.bias", ".attn.masked_bias")
@@ -81,3 +84,53 @@ def to_hf(model):
     if c.vocab_size > EOT:  # GPT-2 BPE: <|endoftext|> begins and ends documents
         config.update(bos_token_id=EOT, eos_token_id=EOT)
     return config, state
+
+
+def generation_config(c):
+    """generation_config.json: stop at <|endoftext|> as GPT-2 does, and never past the context
+    (transformers' generate has no sliding window: a position >= n_positions has no embedding)."""
+    config = {"max_length": c.block_size}
+    if c.vocab_size > EOT:
+        # GPT-2 has no padding token; padding with <|endoftext|> (masked out) is the usual choice
+        config.update(bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT)
+    return config
+
+
+def has_gpt2_tokenizer(c):
+    """Whether the GPT-2 BPE is this model's tokenizer: only a model with exactly its vocabulary
+    (pad_vocab's rows are not written) is taken to be trained on GPT-2 tokens."""
+    return c.vocab_size == GPT2_VOCAB
+
+
+def tokenizer_files(c):
+    """{file name: bytes} of the GPT-2 BPE as a Hugging Face tokenizer, from the tiktoken files
+    the project carries: vocab.json and merges.txt (the slow tokenizer's files, copied), tokenizer.json
+    (the same vocabulary and merges for the `tokenizers` library, which fast tokenizers and other
+    runtimes read) and tokenizer_config.json. Decoding keeps spaces as they are, as tiktoken does."""
+    with open(ENCODER_JSON, "rb") as f:
+        vocab_json = f.read()
+    with open(VOCAB_BPE, "rb") as f:
+        merges_txt = f.read()
+    vocab = json.loads(vocab_json)
+    # line 1 is "#version: 0.2"; every merge is two byte-level symbols, which never hold a space
+    merges = [line for line in merges_txt.decode().split("\n")[1:] if line]
+    assert len(vocab) == GPT2_VOCAB and vocab[EOT_TEXT] == EOT and len(merges) == EOT - 256
+    byte_level = {"add_prefix_space": False, "trim_offsets": False, "use_regex": True}
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": EOT, "content": EOT_TEXT, "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False, "special": True}],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", **byte_level},  # GPT-2's split regex, then bytes as symbols
+        "post_processor": {"type": "ByteLevel", **byte_level},  # adds no tokens
+        "decoder": {"type": "ByteLevel", **byte_level},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": False, "vocab": vocab, "merges": merges},
+    }
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": c.block_size,
+              "bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT,
+              "add_prefix_space": False, "clean_up_tokenization_spaces": False}
+    return {"vocab.json": vocab_json, "merges.txt": merges_txt,
+            "tokenizer.json": json.dumps(tokenizer, ensure_ascii=False).encode(),
+            "tokenizer_config.json": (json.dumps(config, indent=2) + "\n").encode()}

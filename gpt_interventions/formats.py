@@ -87,7 +87,7 @@ def _from_checkpoint(path):
         raise UsageError(f"{path} has no usable model_config ({e})") from None
     model = _build(config, {k: v.float() for k, v in ckpt["model"].items()}, path)
     info = {"model": path, "source": "checkpoint", "checkpoint": path, "step": ckpt.get("step"),
-            "config": {"model": ckpt["model_config"], "train": ckpt.get("train_config")}}
+            "train_tokens": ckpt.get("tokens"), "config": {"model": ckpt["model_config"], "train": ckpt.get("train_config")}}
     return model, info
 
 
@@ -192,11 +192,21 @@ def _quiet(logger_name):
         logger.setLevel(level)
 
 
-def export_hf(model, out_dir):
-    """Write `model` as a Hugging Face GPT-2 directory that GPT2LMHeadModel.from_pretrained loads."""
+def export_hf(model, out_dir, info, where=None):
+    """Write `model` (load_model's `info` describes it) as a self-contained Hugging Face GPT-2
+    directory: weights and config, generation config, model card (README.md) and, for a model with
+    GPT-2's vocabulary, the GPT-2 tokenizer, so AutoTokenizer and pipeline need nothing else.
+    `where`: what the card tells users to load (a hub id); default out_dir."""
+    from gpt_interventions.model_card import model_card
     check_new_dir(out_dir)
     config, tensors = format_hf.to_hf(model)
     _write(out_dir, "config.json", config, tensors, {"format": "pt"})
+    write_json(os.path.join(out_dir, "generation_config.json"), format_hf.generation_config(model.config))
+    tokenizer = format_hf.has_gpt2_tokenizer(model.config)
+    for name, data in (format_hf.tokenizer_files(model.config) if tokenizer else {}).items():
+        atomic_write(os.path.join(out_dir, name), lambda f, data=data: f.write(data))
+    card = model_card(info, model.config, tokenizer, where or out_dir)
+    atomic_write(os.path.join(out_dir, "README.md"), lambda f: f.write(card.encode()))
 
 
 # ----------------------------------------------------------------------------------------------

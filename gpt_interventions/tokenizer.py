@@ -5,7 +5,13 @@ import os
 from gpt_interventions import ROOT
 
 EOT = 50256  # GPT-2 <|endoftext|>, placed before every document
+GPT2_VOCAB = EOT + 1  # the BPE's 50,000 merges + 256 bytes + <|endoftext|>
 TIKTOKEN_CACHE = os.path.join(ROOT, "assets", "tiktoken_cache")
+# tiktoken's gpt2 files under the names its cache gives them (sha1 of the URL): OpenAI's encoder.json
+# (token -> id), which is Hugging Face GPT-2's vocab.json, and vocab.bpe (the merges, in rank order),
+# which is its merges.txt
+ENCODER_JSON = os.path.join(TIKTOKEN_CACHE, "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6")
+VOCAB_BPE = os.path.join(TIKTOKEN_CACHE, "6d1cbeee0f20b3d9449abfede4726ed8212e3aee")
 
 
 def get_tokenizer():

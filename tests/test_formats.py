@@ -59,7 +59,8 @@ def test_export_loads_in_transformers_with_equal_logits(data_dir, tmp_path, qkv_
     ckpt = tiny_run(data_dir, tmp_path / "run", qkv_bias=qkv_bias, tie_weights=tie)
     out = tmp_path / "export"
     run_main(eval_script.main, [ckpt, f"--export_hf={out}"])
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    # vocab 256 is not GPT-2's: no tokenizer files (tests/test_hf_export.py has the rest)
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
     hf = GPT2LMHeadModel.from_pretrained(str(out)).eval()
     assert hf.config.tie_word_embeddings is tie
     assert ("lm_head.weight" in load_file(out / "model.safetensors")) is not tie  # untied head saved

@@ -107,7 +107,8 @@ def test_fuzz_train_flags_on_real_data(argv, data_dir):
     check_cli(train.main, base + argv + ["--compile=False", f"--out_dir={out}"], allowed=(0, 1, 2))
 
 
-@given(argv=flags([eval_py.EvalConfig], leave_out={"ledger", "export_hf", "export_book", "data_dir"}))
+@given(argv=flags([eval_py.EvalConfig], leave_out={"ledger", "export_hf", "export_book", "data_dir",
+                                                             "push_to_hub"}))
 @FUZZ
 def test_fuzz_eval_flags(argv, data_dir, finished_run):
     check_cli(eval_py.main, [os.path.join(finished_run, "ckpt.pt"), f"--data_dir={data_dir}", "--dataset=syn",
