@@ -35,7 +35,7 @@ from gpt_interventions.errors import RunError, UsageError, run_main
 from gpt_interventions.evaluation import evaluate
 from gpt_interventions.loader import TrainLoader, eval_windows, read_windows
 from gpt_interventions.microbatch import largest_micro_batch, rows_per_rank
-from gpt_interventions.optimizer import configure_optimizer
+from gpt_interventions.optimizer import configure_optimizer, load_optimizer_state
 from gpt_interventions.provenance import environment
 from gpt_interventions.resolve import check_same_data, resolve_config
 from gpt_interventions.rundir import Run, keep_snapshots
@@ -186,7 +186,7 @@ def train(mc, tc, ckpt, d, stop):
     scaler = torch.amp.GradScaler(d.device_type, enabled=tc.dtype == "float16")
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
     run = Run(tc, d.master, start)  # rows logged after the checkpoint (all, without one) are logged again
     t = Training(mc, tc, plan, d, model, optimizer, scaler, shards, loader, run,
@@ -200,9 +200,9 @@ def train(mc, tc, ckpt, d, stop):
     stop.arm()
     t.clock = (time.time(), start)
     for step in range(start, plan.max_steps):
-        lr = get_lr(step, tc, plan)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = get_lr(step, tc, plan)  # learning_rate's: the logged lr
+        for group in optimizer.param_groups:  # each group from its own peak (AdamW's, Muon's)
+            group["lr"] = get_lr(step, tc, plan, group["peak_lr"])
         torch.manual_seed(step_seed(tc.seed, step, d.rank))  # dropout: resume needs no RNG state
         batches = (loader.batch(step, micro) for micro in range(plan.accum))
         loss_sum, norm = accumulate_gradients(ddp_model, model, optimizer, scaler, batches, plan.accum,

@@ -38,13 +38,26 @@ class TrainConfig:
                              "1e-5 x lr, then CosineAnnealingLR toward min_lr", choices=("constant", "cosine", "story"))
     warmup_iters: int = field(0, "linear warmup steps; 0: use warmup_frac")
     warmup_frac: float = field(0.0, "linear warmup as a fraction of the run's steps (rounded; story: floored)")
-    min_lr: float = field(4e-5, "the cosine schedules' floor (eta_min)")
+    min_lr: float = field(4e-5, "the cosine schedules' floor (eta_min) of learning_rate; muon_lr's is the same "
+                          "fraction of muon_lr")
     weight_decay: float = field(0.1, "AdamW decoupled weight decay")
     decay_params: str = field("all", "which parameters decay: all (as the story's code) or matrices",
                               choices=("all", "matrices"))
     beta1: float = field(0.9, "AdamW beta1")
     beta2: float = field(0.999, "AdamW beta2")
     eps: float = field(1e-8, "AdamW epsilon")
+    optimizer: str = field("adamw", "adamw: AdamW for every parameter; muon: torch.optim.Muon for the 2-D weights "
+                           "inside the blocks, AdamW (learning_rate, weight_decay, betas, eps) for embeddings, head "
+                           "and vectors", choices=("adamw", "muon"))
+    muon_lr: float = field(0.025, "Muon's peak learning rate (--optimizer=muon); the lr schedule scales it as it "
+                           "scales learning_rate")
+    muon_momentum: float = field(0.95, "Muon's Nesterov momentum")
+    muon_weight_decay: float = field(0.05, "Muon's decoupled weight decay: each step multiplies its matrices by "
+                                     "1 - lr x this (whatever decay_params)")
+    muon_adjust_lr: str = field("original", "Muon's lr per matrix shape (rows x cols): original: x sqrt(max(1, "
+                                "rows/cols)) (Keller Jordan's); match_rms_adamw: x 0.2 sqrt(max(rows, cols)) "
+                                "(Moonshot's: AdamW's lr and weight decay carry over)",
+                                choices=("original", "match_rms_adamw"))
     grad_clip: float = field(0.0, "clip the global gradient norm to this; 0: off (norm still logged)")
     # numerics and speed
     dtype: str = field("float16", "autocast dtype; float16 adds a GradScaler",
@@ -72,8 +85,8 @@ class TrainConfig:
 
 
 POSITIVE = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "log_interval",
-            "checkpoint_interval", "learning_rate"}
-FRACTIONS = {"dropout", "beta1", "beta2"}  # in [0, 1)
+            "checkpoint_interval", "learning_rate", "muon_lr"}
+FRACTIONS = {"dropout", "beta1", "beta2", "muon_momentum"}  # in [0, 1)
 
 # Fields that may differ when a run is resumed: they change how, not what, it computes.
 RUNTIME_FIELDS = {"resume", "out_dir", "run_name", "data_dir", "batch_size", "auto_batch_size",
