@@ -28,6 +28,7 @@ import eval as eval_py
 import sample
 import train
 from gpt_interventions import loader
+from gpt_interventions.checkpoint import save_checkpoint
 from gpt_interventions.errors import UsageError
 from gpt_interventions.format_hf import to_hf
 from gpt_interventions.formats import export_hf, load_model
@@ -83,7 +84,16 @@ def test_default_tiny_run_trains_the_same_weights_as_before(data_dir, tmp_path):
     # 4 steps with dropout, train.py end to end; digest taken before these switches existed
     out = str(tmp_path / "run")
     train.main(tiny_flags(data_dir, out, max_iters=4, dropout=0.1, total_batch_size=128, charts=False))
-    assert digest(ckpt_of(out)["model"]) == "2b03aee08ce35d45"
+    ckpt = ckpt_of(out)
+    assert digest(ckpt["model"]) == "2b03aee08ce35d45"
+    # a checkpoint saved before these fields existed loads with them at their defaults
+    for name in DEFAULTS:
+        del ckpt["model_config"][name]
+    save_checkpoint(str(tmp_path / "old.pt"), ckpt)
+    old, new = load_model(str(tmp_path / "old.pt"))[0], load_model(os.path.join(out, "ckpt.pt"))[0]
+    assert old.config == new.config
+    idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(old.eval()(idx)[0], new.eval()(idx)[0])
 
 
 # --- the switches leave other weights' draws alone -------------------------------------------------
@@ -320,11 +330,13 @@ def test_stacked_switches_train_resume_bitwise_and_evaluate(stack, data_dir, tmp
     assert_same_run(full, part)
 
     capsys.readouterr()
-    eval_py.main([os.path.join(full, "ckpt.pt"), f"--data_dir={data_dir}", "--dataset=syn", "--ledger=",
-                  "--device=cpu", "--json"])
+    # eval.py rebuilds the switched model from the checkpoint and scores the validation tokens as
+    # train.py's last validation did (the same windows; only the batching differs)
+    eval_py.main([os.path.join(full, "ckpt.pt"), f"--data_dir={data_dir}", "--dataset=syn", "--split=val",
+                  "--eval_tokens=1024", "--batch_size=3", "--ledger=", "--device=cpu", "--json"])
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     val = [r["val_loss"] for r in read_metrics(full) if "val_loss" in r][-1]
-    assert math.isfinite(row["loss"]) and abs(row["loss"] - val) < 0.5 and row["loss"] < losses[0]
+    assert row["loss"] == pytest.approx(val, rel=1e-6) and row["loss"] < losses[0]
     model, _ = load_model(os.path.join(full, "ckpt.pt"))
     assert {k: getattr(model.config, k) for k in STACKS[stack] if k != "z_loss"} == \
         {k: v for k, v in STACKS[stack].items() if k != "z_loss"}
