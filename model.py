@@ -28,11 +28,53 @@ class GPTConfig:
     init: str = field("torch", "initial weights: torch (PyTorch's module defaults, as the book's and the "
                       "story's code) or gpt2 (N(0, 0.02), residual projections scaled, biases 0)",
                       choices=("torch", "gpt2"))
+    # modern interventions (interventions.md, Modern interventions); each off by default
+    position: str = field("learned", "position information: learned (GPT-2's wpe table) or rope (rotary "
+                          "embeddings on queries and keys; no wpe)", choices=("learned", "rope"))
+    rope_base: float = field(10000.0, "rotary base: the wavelengths run from 2*pi to about 2*pi*rope_base")
+    norm: str = field("layernorm", "normalisation layers: layernorm (GPT-2) or rmsnorm (no centring, no bias)",
+                      choices=("layernorm", "rmsnorm"))
+    qk_norm: bool = field(False, "normalise each head's queries and keys (with --norm) before attention")
+    mlp: str = field("gelu", "MLP: gelu (GPT-2, 4*n_embd wide), swiglu (gated, 8*ceil(n_embd/3) wide: about "
+                     "the same parameters) or relu2 (ReLU squared)", choices=("gelu", "swiglu", "relu2"))
+    bias: bool = field(True, "biases of the Linear layers other than QKV (see qkv_bias) and of the LayerNorms")
+    logit_softcap: float = field(0.0, "cap the logits smoothly at +-this: cap*tanh(logits/cap); 0: off")
+    zero_init_proj: bool = field(False, "start the attention and MLP output projections at zero (either init)")
 
     @property
     def padded_vocab(self):
         """Rows of wte and lm_head: vocab_size, or rounded up to 64 (50257 -> 50304) for aligned matmuls."""
         return -(-self.vocab_size // 64) * 64 if self.pad_vocab else self.vocab_size
+
+    @property
+    def mlp_hidden(self):
+        """MLP width: 4*n_embd, or for SwiGLU's three matrices 8*n_embd/3 rounded up to a multiple of 8,
+        so that 3*C*h exceeds GELU's 8*C^2 weights by at most 16*C, a fraction 2/C (3% at C = 32,
+        exactly 8*C^2 at 768: h = 2048)."""
+        return 8 * -(-self.n_embd // 3) if self.mlp == "swiglu" else 4 * self.n_embd
+
+
+def make_norm(config, dim):
+    """LayerNorm (GPT-2's, eps 1e-5, its bias switched by `bias`) or RMSNorm with the same eps: an
+    explicit one, since nn.RMSNorm's default eps is the input dtype's (7.8e-3 in bfloat16)."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-5)
+    return nn.LayerNorm(dim, bias=config.bias)
+
+
+def rotary(positions, head_size, base):
+    """(cos, sin), each (T, head_size/2), of the rotary angles positions * base^(-2i/head_size)."""
+    inv_freq = base ** -(torch.arange(0, head_size, 2, dtype=torch.float32, device=positions.device) / head_size)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate x (..., T, hs) in the planes of dims (i, i + hs/2) by the angles of (cos, sin): a
+    query at position m and a key at n then meet through the rotation by (n - m) alone."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -40,17 +82,25 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         # query, key, value for all heads in one matmul; qkv_bias switches only this bias
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_SCALE = True
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        if config.qk_norm:  # over each head's hs dims, one set of gains shared by the heads
+            self.q_norm = make_norm(config, config.n_embd // config.n_head)
+            self.k_norm = make_norm(config, config.n_embd // config.n_head)
+        self.qk_norm = config.qk_norm
 
-    def forward(self, x):
+    def forward(self, x, rope=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # (cos, sin) of positions 0..T-1
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
@@ -60,26 +110,36 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        h = config.mlp_hidden
+        self.c_fc = nn.Linear(config.n_embd, h, bias=config.bias)
+        if config.mlp == "swiglu":  # SwiGLU: c_proj(silu(c_gate(x)) * c_fc(x))
+            self.c_gate = nn.Linear(config.n_embd, h, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj = nn.Linear(h, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_SCALE = True
         self.dropout = nn.Dropout(config.dropout)
+        self.kind = config.mlp
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        if self.kind == "swiglu":
+            h = F.silu(self.c_gate(x)) * self.c_fc(x)
+        elif self.kind == "relu2":
+            h = F.relu(self.c_fc(x)).square()
+        else:
+            h = self.gelu(self.c_fc(x))
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, rope=None):
+        x = x + self.attn(self.ln_1(x), rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -88,6 +148,8 @@ class GPT(nn.Module):
         super().__init__()
         if config.n_embd % config.n_head:
             raise ValueError(f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
+        if config.position == "rope" and config.n_embd // config.n_head % 2:
+            raise ValueError(f"rope needs an even head size, not {config.n_embd // config.n_head}")
         self.config = config
         # Construction draws from the RNG (nn.Linear's own init, more of it with qkv_bias); rewind
         # so that the init below draws the same numbers whatever the switches: turning qkv_bias or
@@ -98,7 +160,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd),
+            ln_f=make_norm(config, config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab, bias=False)
         torch.set_rng_state(rng)
@@ -108,6 +170,13 @@ class GPT(nn.Module):
             self._init_torch()
         if config.tie_weights:  # the head was drawn too, so tying changes no other weight's draw
             self.lm_head.weight = self.transformer.wte.weight  # one tensor, two names: wte's init
+        if config.position == "rope":  # wpe was drawn too, so rope changes no other weight's draw
+            del self.transformer.wpe
+        if config.zero_init_proj:  # drawn, then zeroed: no other weight's draw moves
+            for block in self.transformer.h:
+                for proj in (block.attn.c_proj, block.mlp.c_proj):
+                    for p in proj.parameters():
+                        p.detach().zero_()
 
     @torch.no_grad()
     def _init_torch(self):
@@ -115,7 +184,8 @@ class GPT(nn.Module):
         Embedding N(0, 1); Linear weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)); LayerNorm 1, 0.
 
         Drawn module by module, the head included (a tied head is then replaced by wte), and the
-        QKV biases last, so that neither switch moves another weight's draw. The book's separate
+        QKV biases last, so that neither switch moves another weight's draw; with bias=False the
+        absent biases are drawn and dropped, for the same reason. The book's separate
         W_query/W_key/W_value have the same fan_in as our fused c_attn, so the same distribution.
         """
         qkv = [block.attn.c_attn for block in self.transformer.h]
@@ -125,11 +195,14 @@ class GPT(nn.Module):
             elif isinstance(module, nn.Linear):
                 bound = 1 / math.sqrt(module.in_features)
                 self._rows(module).uniform_(-bound, bound)
-                if module.bias is not None and not any(module is m for m in qkv):
-                    module.bias.uniform_(-bound, bound)
-            elif isinstance(module, nn.LayerNorm):
+                if module is self.lm_head or any(module is m for m in qkv):
+                    continue
+                bias = module.bias if module.bias is not None else torch.empty(module.out_features)
+                bias.uniform_(-bound, bound)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.weight.fill_(1.0)
-                module.bias.zero_()
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
         for module in qkv:
             if module.bias is not None:
                 bound = 1 / math.sqrt(module.in_features)
@@ -155,9 +228,10 @@ class GPT(nn.Module):
             torch.nn.init.normal_(self._rows(module), mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
             torch.nn.init.ones_(module.weight)
-            torch.nn.init.zeros_(module.bias)
+            if getattr(module, "bias", None) is not None:
+                torch.nn.init.zeros_(module.bias)
 
     def num_params(self):
         """Every parameter counted once (a tied head is not counted twice), embeddings included."""
@@ -169,19 +243,33 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x, rope = self.transformer.wte(idx), None  # (B, T, C)
+        if self.config.position == "rope":
+            rope = rotary(pos, self.config.n_embd // self.config.n_head, self.config.rope_base)
+        else:
+            x = x + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, rope)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None):
-        """idx (B, T) token ids -> logits (B, T, vocab); loss = mean cross-entropy if targets."""
-        logits = self.lm_head(self.body(idx))  # (B, T, padded_vocab)
+    def softcap(self, logits):
+        """logit_softcap: cap * tanh(logits / cap) in float32, so that |logits| < cap; identity if 0."""
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits.float() / cap) if cap else logits
+
+    def forward(self, idx, targets=None, z_loss=0.0):
+        """idx (B, T) token ids -> logits (B, T, vocab); if targets, loss = mean cross-entropy, plus
+        z_loss * mean(logsumexp(logits)^2) (PaLM's z-loss) when z_loss > 0: the training objective."""
+        logits = self.softcap(self.lm_head(self.body(idx)))  # (B, T, padded_vocab)
         if self.config.pad_vocab:
             logits = logits[..., : self.config.vocab_size]  # padded ids are never predicted
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+            flat = logits.float().view(-1, logits.size(-1))
+            loss = F.cross_entropy(flat, targets.view(-1))
+            if z_loss:
+                loss = loss + z_loss * torch.logsumexp(flat, dim=-1).square().mean()
         return logits, loss
 
     @torch.no_grad()
@@ -208,7 +296,7 @@ class GPT(nn.Module):
             lse = torch.full(yb.shape, -math.inf, device=h.device)
             target = torch.zeros(yb.shape, device=h.device)
             for v in range(0, weight.size(0), cols):
-                logits = F.linear(hb, weight[v:v + cols]).float()  # (block, cols)
+                logits = self.softcap(F.linear(hb, weight[v:v + cols]).float())  # (block, cols)
                 lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
                 j = yb - v  # target's column in this slice, if it is here
                 here = (j >= 0) & (j < logits.size(1))
@@ -220,7 +308,7 @@ class GPT(nn.Module):
     def flops_per_token(self):
         """Training FLOPs per token: 6N for the matmuls plus 12*L*H*Q*T for attention (PaLM)."""
         c = self.config
-        n = self.num_params() - self.transformer.wpe.weight.numel()
+        n = self.num_params() - (c.block_size * c.n_embd if c.position == "learned" else 0)  # wpe: no matmul
         return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
 
     @torch.no_grad()

@@ -206,7 +206,7 @@ def train(mc, tc, ckpt, d, stop):
         torch.manual_seed(step_seed(tc.seed, step, d.rank))  # dropout: resume needs no RNG state
         batches = (loader.batch(step, micro) for micro in range(plan.accum))
         loss_sum, norm = accumulate_gradients(ddp_model, model, optimizer, scaler, batches, plan.accum,
-                                              ctx, d, tc.grad_clip)
+                                              ctx, d, tc.grad_clip, tc.z_loss)
         update(t, step, loss_sum, norm)
 
         done = step + 1

@@ -22,6 +22,7 @@ These functions only map names, shapes and configs; gpt_interventions/formats.py
 import torch
 
 from gpt_interventions.errors import UsageError
+from gpt_interventions.format_hf import absent_biases, check_gpt2
 from model import GPTConfig
 
 FILES = ("model.json", "model.safetensors")
@@ -96,9 +97,11 @@ def state_from_book(tensors, config, where, prefix=""):
 
 def to_book(model):
     """(model.json, tensors, safetensors metadata) of `model` in the book's format, masks included,
-    so that the book's GPTModel loads it strictly (load_state_dict, or safetensors' load_model)."""
+    so that the book's GPTModel loads it strictly (load_state_dict, or safetensors' load_model).
+    Biases built without (bias=False) are written as zeros; UsageError for what GPT-2 cannot compute."""
     c = model.config
-    ours = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    check_gpt2(c, "the book's format")
+    ours = {**absent_biases(model), **{k: v.detach().float().cpu() for k, v in model.state_dict().items()}}
     for name in ("transformer.wte.weight", "lm_head.weight"):
         ours[name] = ours[name][: c.vocab_size]  # pad_vocab's unused rows are not part of the model
     tensors = {book: ours[o].contiguous() for book, o in book_names(c)}

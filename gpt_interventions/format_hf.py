@@ -18,6 +18,29 @@ EOT_TEXT = "<|endoftext|>"
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 # causal-mask buffers that older GPT-2 files (the original OpenAI upload) carry; not weights
 BUFFERS = (".attn.bias", ".attn.masked_bias")
+# GPTConfig switches that change the function in a way GPT-2's architecture (and so the book's, which
+# is GPT-2's) cannot express, with GPT-2's value. bias=False is not here: zero biases hold it.
+GPT2_ARCH = {"position": "learned", "norm": "layernorm", "qk_norm": False, "mlp": "gelu", "logit_softcap": 0.0}
+
+
+def check_gpt2(config, fmt):
+    """UsageError naming the switches of `config` that the GPT-2-shaped format `fmt` cannot hold."""
+    differs = [f"{k}={getattr(config, k)}" for k, v in GPT2_ARCH.items() if getattr(config, k) != v]
+    if differs:
+        raise UsageError(f"{fmt} cannot hold this model: GPT-2's architecture has no {', '.join(differs)}; "
+                         "evaluate and sample from the checkpoint itself")
+
+
+def absent_biases(model):
+    """{name: zeros} of the Linear and LayerNorm biases the model was built without (qkv_bias=False,
+    bias=False): GPT-2's layout has them all, and a zero bias computes what no bias does."""
+    zeros = {}
+    for name, module in model.named_modules():
+        if module is model.lm_head or getattr(module, "bias", True) is not None:
+            continue
+        size = module.out_features if isinstance(module, torch.nn.Linear) else module.weight.numel()
+        zeros[f"{name}.bias"] = torch.zeros(size)
+    return zeros
 
 
 def config_from_hf(cfg, where):
@@ -61,9 +84,11 @@ def state_from_hf(tensors, config):
 def to_hf(model):
     """(config.json, tensors) of `model` as a Hugging Face GPT-2 that GPT2LMHeadModel loads.
 
-    GPT-2 always has a QKV bias: without one, ours is written as zeros, which computes the same.
+    GPT-2 always has its biases: those ours lacks are written as zeros, which compute the same.
+    UsageError for a model GPT-2 cannot compute (check_gpt2).
     """
     c = model.config
+    check_gpt2(c, "the Hugging Face GPT-2 format")
     state = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and c.tie_weights:
@@ -72,9 +97,7 @@ def to_hf(model):
         if name in ("transformer.wte.weight", "lm_head.weight"):
             tensor = tensor[: c.vocab_size]  # pad_vocab's unused rows are not part of the model
         state[name] = tensor.detach().float().cpu().contiguous()
-    if not c.qkv_bias:
-        for i in range(c.n_layer):
-            state[f"transformer.h.{i}.attn.c_attn.bias"] = torch.zeros(3 * c.n_embd)
+    state.update(absent_biases(model))
     config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
               "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "n_positions": c.block_size,
               "vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_weights,

@@ -26,9 +26,10 @@ def to_device(arrays, device):
     return [t.to(device, non_blocking=True) for t in tensors]
 
 
-def accumulate_gradients(ddp_model, model, optimizer, scaler, batches, accum, ctx, d, grad_clip):
+def accumulate_gradients(ddp_model, model, optimizer, scaler, batches, accum, ctx, d, grad_clip, z_loss=0.0):
     """Forward and backward over one step's micro-batches, then unscale and clip.
 
+    The loss is the training objective: cross-entropy, plus z_loss times PaLM's z-loss term (GPT.forward).
     Returns (sum of the micro-batch mean losses, pre-clip global gradient norm), both still on
     the device: nothing here waits for the device, so the next batch is read while it works.
     bench.py times exactly this function.
@@ -40,7 +41,7 @@ def accumulate_gradients(ddp_model, model, optimizer, scaler, batches, accum, ct
         sync = ddp_model.no_sync() if d.world_size > 1 and micro < accum - 1 else nullcontext()
         with sync:
             with ctx:
-                _, loss = ddp_model(x, y)
+                _, loss = ddp_model(x, y, z_loss=z_loss)
             loss_sum += loss.detach()
             scaler.scale(loss / accum).backward()
     scaler.unscale_(optimizer)

@@ -59,6 +59,8 @@ class TrainConfig:
                                 "(Moonshot's: AdamW's lr and weight decay carry over)",
                                 choices=("original", "match_rms_adamw"))
     grad_clip: float = field(0.0, "clip the global gradient norm to this; 0: off (norm still logged)")
+    z_loss: float = field(0.0, "add z_loss * mean(logsumexp(logits)^2) to the objective (PaLM: 1e-4); the "
+                          "logged loss then includes it, validation does not; 0: off")
     # numerics and speed
     dtype: str = field("float16", "autocast dtype; float16 adds a GradScaler",
                        choices=("float32", "bfloat16", "float16"))
@@ -119,6 +121,11 @@ def make_plan(mc, tc, world_size):
             raise UsageError(f"--{name} must be less than 2**63, got {value}")
     if mc.n_embd % mc.n_head:
         raise UsageError(f"n_embd {mc.n_embd} is not divisible by n_head {mc.n_head}")
+    if mc.position == "rope" and mc.n_embd // mc.n_head % 2:
+        raise UsageError(f"--position=rope rotates pairs of dimensions: the head size n_embd/n_head = "
+                         f"{mc.n_embd // mc.n_head} must be even")
+    if mc.rope_base <= 1:
+        raise UsageError(f"--rope_base must be greater than 1, got {mc.rope_base}")
     micro = tc.batch_size * mc.block_size * world_size  # tokens in one micro-batch over all ranks
     if tc.total_batch_size:
         if tc.total_batch_size % micro:
