@@ -2,6 +2,7 @@
 defining property, the default model unchanged bit for bit, and a tiny CPU run with them all on that
 trains, resumes bitwise, evaluates, samples, and is refused by the GPT-2-shaped exports in one line."""
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -234,7 +235,8 @@ def test_bias_false_removes_exactly_the_non_qkv_linear_and_layernorm_biases():
 def test_bias_false_exports_to_hugging_face_as_zero_biases_computing_the_same(tmp_path):
     from transformers import GPT2LMHeadModel
     model = built(bias=False).eval()
-    export_hf(model, str(tmp_path / "hf"))
+    info = {"model": "bias-free", "source": "huggingface", "config": {"model": dataclasses.asdict(model.config)}}
+    export_hf(model, str(tmp_path / "hf"), info)
     hf = GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
     idx = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
