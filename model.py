@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt_interventions.cli import field
+from gpt_interventions.moe import MoE
 
 
 @dataclass
@@ -28,6 +29,9 @@ class GPTConfig:
     init: str = field("torch", "initial weights: torch (PyTorch's module defaults, as the book's and the "
                       "story's code) or gpt2 (N(0, 0.02), residual projections scaled, biases 0)",
                       choices=("torch", "gpt2"))
+    n_expert: int = field(0, "0: one MLP per block (GPT-2); N: a mixture of N experts, each that MLP, and a "
+                          "router per block (gpt_interventions/moe.py)")
+    expert_top_k: int = field(1, "experts each token is routed to, 1 to n_expert (with n_expert > 0)")
 
     @property
     def padded_vocab(self):
@@ -76,11 +80,15 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config, MLP) if config.n_expert else MLP(config)
 
     def forward(self, x):
+        """x (B, T, C) -> (x, the MoE balancing loss of this block, or None with a dense MLP)."""
         x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        if isinstance(self.mlp, MoE):
+            y, balance = self.mlp(self.ln_2(x))
+            return x + y, balance
+        return x + self.mlp(self.ln_2(x)), None
 
 
 class GPT(nn.Module):
@@ -88,6 +96,8 @@ class GPT(nn.Module):
         super().__init__()
         if config.n_embd % config.n_head:
             raise ValueError(f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
+        if config.n_expert and not 1 <= config.expert_top_k <= config.n_expert:
+            raise ValueError(f"expert_top_k {config.expert_top_k} is not in 1..n_expert ({config.n_expert})")
         self.config = config
         # Construction draws from the RNG (nn.Linear's own init, more of it with qkv_bias); rewind
         # so that the init below draws the same numbers whatever the switches: turning qkv_bias or
@@ -103,7 +113,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab, bias=False)
         torch.set_rng_state(rng)
         if config.init == "gpt2":
-            self.apply(self._init_gpt2)
+            for module in self._init_order():
+                self._init_gpt2(module)
         else:
             self._init_torch()
         if config.tie_weights:  # the head was drawn too, so tying changes no other weight's draw
@@ -119,7 +130,7 @@ class GPT(nn.Module):
         W_query/W_key/W_value have the same fan_in as our fused c_attn, so the same distribution.
         """
         qkv = [block.attn.c_attn for block in self.transformer.h]
-        for module in self.modules():
+        for module in self._init_order():
             if isinstance(module, nn.Embedding):
                 self._rows(module).normal_(0.0, 1.0)
             elif isinstance(module, nn.Linear):
@@ -134,6 +145,14 @@ class GPT(nn.Module):
             if module.bias is not None:
                 bound = 1 / math.sqrt(module.in_features)
                 module.bias.uniform_(-bound, bound)
+
+    def _init_order(self):
+        """Every module in the order the init draws its weights: as self.modules(), except that a
+        mixture of experts' router and experts after the first come last (MoE.drawn_late), so
+        that n_expert changes no other weight's draw."""
+        late = [m for block in self.transformer.h if isinstance(block.mlp, MoE) for m in block.mlp.drawn_late()]
+        skip = set(map(id, late))
+        return [m for m in self.modules() if id(m) not in skip] + late
 
     @torch.no_grad()
     def _rows(self, module):
@@ -160,28 +179,41 @@ class GPT(nn.Module):
             torch.nn.init.zeros_(module.bias)
 
     def num_params(self):
-        """Every parameter counted once (a tied head is not counted twice), embeddings included."""
+        """Every parameter counted once (a tied head is not counted twice), embeddings included;
+        every expert counted (flops_per_token counts the ones a token uses)."""
         return sum(p.numel() for p in self.parameters())
 
     def body(self, idx):
         """idx (B, T) token ids -> final hidden states (B, T, C): everything but the output head."""
+        return self.trunk(idx)[0]
+
+    def trunk(self, idx):
+        """idx (B, T) -> (final hidden states (B, T, C), the MoE balancing loss averaged over the
+        layers, or None without experts)."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         pos = torch.arange(T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        balance = []
         for block in self.transformer.h:
-            x = block(x)
-        return self.transformer.ln_f(x)
+            x, b = block(x)
+            if b is not None:
+                balance.append(b)
+        return self.transformer.ln_f(x), torch.stack(balance).mean() if balance else None
 
-    def forward(self, idx, targets=None):
-        """idx (B, T) token ids -> logits (B, T, vocab); loss = mean cross-entropy if targets."""
-        logits = self.lm_head(self.body(idx))  # (B, T, padded_vocab)
+    def forward(self, idx, targets=None, moe_aux_loss=0.0):
+        """idx (B, T) token ids -> logits (B, T, vocab); with targets, loss = mean cross-entropy
+        + moe_aux_loss * the experts' balancing loss (with n_expert > 0)."""
+        h, balance = self.trunk(idx)
+        logits = self.lm_head(h)  # (B, T, padded_vocab)
         if self.config.pad_vocab:
             logits = logits[..., : self.config.vocab_size]  # padded ids are never predicted
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+            if moe_aux_loss and balance is not None:
+                loss = loss + moe_aux_loss * balance
         return logits, loss
 
     @torch.no_grad()
@@ -218,9 +250,11 @@ class GPT(nn.Module):
         return total
 
     def flops_per_token(self):
-        """Training FLOPs per token: 6N for the matmuls plus 12*L*H*Q*T for attention (PaLM)."""
+        """Training FLOPs per token: 6N for the matmuls plus 12*L*H*Q*T for attention (PaLM).
+        N counts the parameters a token uses: with experts, top_k of them (and the router)."""
         c = self.config
         n = self.num_params() - self.transformer.wpe.weight.numel()
+        n -= sum(b.mlp.inactive_params() for b in self.transformer.h if isinstance(b.mlp, MoE))
         return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
 
     @torch.no_grad()

@@ -22,6 +22,7 @@ These functions only map names, shapes and configs; gpt_interventions/formats.py
 import torch
 
 from gpt_interventions.errors import UsageError
+from gpt_interventions.format_hf import check_gpt2
 from model import GPTConfig
 
 FILES = ("model.json", "model.safetensors")
@@ -98,6 +99,7 @@ def to_book(model):
     """(model.json, tensors, safetensors metadata) of `model` in the book's format, masks included,
     so that the book's GPTModel loads it strictly (load_state_dict, or safetensors' load_model)."""
     c = model.config
+    check_gpt2(c, "the book's format")
     ours = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     for name in ("transformer.wte.weight", "lm_head.weight"):
         ours[name] = ours[name][: c.vocab_size]  # pad_vocab's unused rows are not part of the model

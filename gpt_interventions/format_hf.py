@@ -5,6 +5,8 @@ projections as Conv1D, whose weights are (in, out), transposed from nn.Linear. T
 only map names, shapes and configs; gpt_interventions/formats.py reads and writes the files.
 """
 
+import dataclasses
+
 import torch
 
 from gpt_interventions.errors import UsageError
@@ -15,6 +17,19 @@ FILES = ("config.json", "model.safetensors")
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 # causal-mask buffers that older GPT-2 files (the original OpenAI upload) carry; not weights
 BUFFERS = (".attn.bias", ".attn.masked_bias")
+# GPTConfig fields that, away from their defaults, make a model that neither GPT-2 nor the book's
+# GPTModel computes: the exports refuse them rather than write a different function
+NOT_GPT2 = {"n_expert": "a mixture of experts"}
+
+
+def check_gpt2(config, fmt):
+    """UsageError naming each field of `config` that the format `fmt` (GPT-2's architecture) cannot hold."""
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    differs = [f"{name}={getattr(config, name)} ({what})" for name, what in NOT_GPT2.items()
+               if getattr(config, name) != defaults[name]]
+    if differs:
+        raise UsageError(f"{fmt} cannot hold this model: {'; '.join(differs)} is not GPT-2's architecture; "
+                         "keep its checkpoint, which eval.py and sample.py read")
 
 
 def config_from_hf(cfg, where):
@@ -61,6 +76,7 @@ def to_hf(model):
     GPT-2 always has a QKV bias: without one, ours is written as zeros, which computes the same.
     """
     c = model.config
+    check_gpt2(c, "the Hugging Face GPT-2 format")
     state = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and c.tie_weights:
