@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt_interventions.cli import field
+from gpt_interventions.moe import MoE
 
 
 @dataclass
@@ -40,6 +41,9 @@ class GPTConfig:
     bias: bool = field(True, "biases of the Linear layers other than QKV (see qkv_bias) and of the LayerNorms")
     logit_softcap: float = field(0.0, "cap the logits smoothly at +-this: cap*tanh(logits/cap); 0: off")
     zero_init_proj: bool = field(False, "start the attention and MLP output projections at zero (either init)")
+    n_expert: int = field(0, "0: one MLP per block (GPT-2); N: a mixture of N experts, each that MLP, and a "
+                          "router per block (gpt_interventions/moe.py)")
+    expert_top_k: int = field(1, "experts each token is routed to, 1 to n_expert (with n_expert > 0)")
 
     @property
     def padded_vocab(self):
@@ -136,11 +140,15 @@ class Block(nn.Module):
         self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = make_norm(config, config.n_embd)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config, MLP) if config.n_expert else MLP(config)
 
     def forward(self, x, rope=None):
+        """x (B, T, C) -> (x, the MoE balancing loss of this block, or None with a dense MLP)."""
         x = x + self.attn(self.ln_1(x), rope)
-        return x + self.mlp(self.ln_2(x))
+        if isinstance(self.mlp, MoE):
+            y, balance = self.mlp(self.ln_2(x))
+            return x + y, balance
+        return x + self.mlp(self.ln_2(x)), None
 
 
 class GPT(nn.Module):
@@ -150,6 +158,8 @@ class GPT(nn.Module):
             raise ValueError(f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
         if config.position == "rope" and config.n_embd // config.n_head % 2:
             raise ValueError(f"rope needs an even head size, not {config.n_embd // config.n_head}")
+        if config.n_expert and not 1 <= config.expert_top_k <= config.n_expert:
+            raise ValueError(f"expert_top_k {config.expert_top_k} is not in 1..n_expert ({config.n_expert})")
         self.config = config
         # Construction draws from the RNG (nn.Linear's own init, more of it with qkv_bias); rewind
         # so that the init below draws the same numbers whatever the switches: turning qkv_bias or
@@ -165,7 +175,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab, bias=False)
         torch.set_rng_state(rng)
         if config.init == "gpt2":
-            self.apply(self._init_gpt2)
+            for module in self._init_order():
+                self._init_gpt2(module)
         else:
             self._init_torch()
         if config.tie_weights:  # the head was drawn too, so tying changes no other weight's draw
@@ -173,8 +184,8 @@ class GPT(nn.Module):
         if config.position == "rope":  # wpe was drawn too, so rope changes no other weight's draw
             del self.transformer.wpe
         if config.zero_init_proj:  # drawn, then zeroed: no other weight's draw moves
-            for block in self.transformer.h:
-                for proj in (block.attn.c_proj, block.mlp.c_proj):
+            for proj in self.modules():  # attn.c_proj and mlp.c_proj (every expert's, with n_expert)
+                if getattr(proj, "RESIDUAL_SCALE", False):
                     for p in proj.parameters():
                         p.detach().zero_()
 
@@ -189,7 +200,7 @@ class GPT(nn.Module):
         W_query/W_key/W_value have the same fan_in as our fused c_attn, so the same distribution.
         """
         qkv = [block.attn.c_attn for block in self.transformer.h]
-        for module in self.modules():
+        for module in self._init_order():
             if isinstance(module, nn.Embedding):
                 self._rows(module).normal_(0.0, 1.0)
             elif isinstance(module, nn.Linear):
@@ -207,6 +218,14 @@ class GPT(nn.Module):
             if module.bias is not None:
                 bound = 1 / math.sqrt(module.in_features)
                 module.bias.uniform_(-bound, bound)
+
+    def _init_order(self):
+        """Every module in the order the init draws its weights: as self.modules(), except that a
+        mixture of experts' router and experts after the first come last (MoE.drawn_late), so
+        that n_expert changes no other weight's draw."""
+        late = [m for block in self.transformer.h if isinstance(block.mlp, MoE) for m in block.mlp.drawn_late()]
+        skip = set(map(id, late))
+        return [m for m in self.modules() if id(m) not in skip] + late
 
     @torch.no_grad()
     def _rows(self, module):
@@ -234,11 +253,17 @@ class GPT(nn.Module):
                 torch.nn.init.zeros_(module.bias)
 
     def num_params(self):
-        """Every parameter counted once (a tied head is not counted twice), embeddings included."""
+        """Every parameter counted once (a tied head is not counted twice), embeddings included;
+        every expert counted (flops_per_token counts the ones a token uses)."""
         return sum(p.numel() for p in self.parameters())
 
     def body(self, idx):
         """idx (B, T) token ids -> final hidden states (B, T, C): everything but the output head."""
+        return self.trunk(idx)[0]
+
+    def trunk(self, idx):
+        """idx (B, T) -> (final hidden states (B, T, C), the MoE balancing loss averaged over the
+        layers, or None without experts)."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
@@ -249,19 +274,24 @@ class GPT(nn.Module):
         else:
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
+        balance = []
         for block in self.transformer.h:
-            x = block(x, rope)
-        return self.transformer.ln_f(x)
+            x, b = block(x, rope)
+            if b is not None:
+                balance.append(b)
+        return self.transformer.ln_f(x), torch.stack(balance).mean() if balance else None
 
     def softcap(self, logits):
         """logit_softcap: cap * tanh(logits / cap) in float32, so that |logits| < cap; identity if 0."""
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits.float() / cap) if cap else logits
 
-    def forward(self, idx, targets=None, z_loss=0.0):
-        """idx (B, T) token ids -> logits (B, T, vocab); if targets, loss = mean cross-entropy, plus
-        z_loss * mean(logsumexp(logits)^2) (PaLM's z-loss) when z_loss > 0: the training objective."""
-        logits = self.softcap(self.lm_head(self.body(idx)))  # (B, T, padded_vocab)
+    def forward(self, idx, targets=None, z_loss=0.0, moe_aux_loss=0.0):
+        """idx (B, T) token ids -> logits (B, T, vocab); with targets, loss = mean cross-entropy, plus
+        z_loss * mean(logsumexp(logits)^2) (PaLM's z-loss) and moe_aux_loss * the experts' balancing
+        loss (with n_expert > 0) when they are > 0: the training objective."""
+        h, balance = self.trunk(idx)
+        logits = self.softcap(self.lm_head(h))  # (B, T, padded_vocab)
         if self.config.pad_vocab:
             logits = logits[..., : self.config.vocab_size]  # padded ids are never predicted
         loss = None
@@ -270,6 +300,8 @@ class GPT(nn.Module):
             loss = F.cross_entropy(flat, targets.view(-1))
             if z_loss:
                 loss = loss + z_loss * torch.logsumexp(flat, dim=-1).square().mean()
+            if moe_aux_loss and balance is not None:
+                loss = loss + moe_aux_loss * balance
         return logits, loss
 
     @torch.no_grad()
@@ -306,9 +338,11 @@ class GPT(nn.Module):
         return total
 
     def flops_per_token(self):
-        """Training FLOPs per token: 6N for the matmuls plus 12*L*H*Q*T for attention (PaLM)."""
+        """Training FLOPs per token: 6N for the matmuls plus 12*L*H*Q*T for attention (PaLM).
+        N counts the parameters a token uses: with experts, top_k of them (and the router)."""
         c = self.config
         n = self.num_params() - (c.block_size * c.n_embd if c.position == "learned" else 0)  # wpe: no matmul
+        n -= sum(b.mlp.inactive_params() for b in self.transformer.h if isinstance(b.mlp, MoE))
         return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
 
     @torch.no_grad()

@@ -35,6 +35,7 @@ from gpt_interventions.errors import RunError, UsageError, run_main
 from gpt_interventions.evaluation import evaluate
 from gpt_interventions.loader import TrainLoader, eval_windows, read_windows
 from gpt_interventions.microbatch import largest_micro_batch, rows_per_rank
+from gpt_interventions.moe import routing_batch, routing_fractions
 from gpt_interventions.optimizer import configure_optimizer, load_optimizer_state
 from gpt_interventions.provenance import environment
 from gpt_interventions.resolve import check_same_data, resolve_config
@@ -156,6 +157,7 @@ class Training:
     bad_step: torch.Tensor = None   # first step with a non-finite loss, -1 if none; kept on the device
     clock: tuple = (0.0, 0)         # (time, step) of the last logged row
     peak: float | None = None       # the device's peak FLOP/s at this dtype, for MFU; None: unknown
+    routing_x: torch.Tensor = None  # with experts: the fixed validation tokens their routing is logged on
 
 
 def train(mc, tc, ckpt, d, stop):
@@ -191,7 +193,8 @@ def train(mc, tc, ckpt, d, stop):
     run = Run(tc, d.master, start)  # rows logged after the checkpoint (all, without one) are logged again
     t = Training(mc, tc, plan, d, model, optimizer, scaler, shards, loader, run,
                  saved_step=start if ckpt else None, skipped=ckpt.get("skipped_steps", 0) if ckpt else 0,
-                 bad_step=torch.full((), -1, dtype=torch.long, device=d.device), peak=peak_flops(d.device, tc.dtype))
+                 bad_step=torch.full((), -1, dtype=torch.long, device=d.device), peak=peak_flops(d.device, tc.dtype),
+                 routing_x=routing_batch(windows, mc, tc.eval_batch_size or tc.batch_size, d.device))
     record_start(t, start, resumed=ckpt is not None)
 
     fwd_model, ddp_model = wrap_model(model, tc, d)
@@ -206,7 +209,7 @@ def train(mc, tc, ckpt, d, stop):
         torch.manual_seed(step_seed(tc.seed, step, d.rank))  # dropout: resume needs no RNG state
         batches = (loader.batch(step, micro) for micro in range(plan.accum))
         loss_sum, norm = accumulate_gradients(ddp_model, model, optimizer, scaler, batches, plan.accum,
-                                              ctx, d, tc.grad_clip, tc.z_loss)
+                                              ctx, d, tc)
         update(t, step, loss_sum, norm)
 
         done = step + 1
@@ -315,6 +318,9 @@ def log_step(t, done, lr, loss_sum, norm):
            "mfu": flops_per_step / dt / (peak * t.d.world_size) if peak else None}
     if t.skipped:
         row["skipped_steps"] = t.skipped
+    if t.routing_x is not None and t.d.master:  # per layer, each expert's share of the token assignments
+        with autocast(t.d.device_type, t.tc.dtype):
+            row["expert_frac"] = routing_fractions(t.model, t.routing_x)
     t.run.metrics(row)
     mfu = f"{row['mfu'] * 100:.1f}%" if peak else "n/a"
     t.run.log(f"step {done}/{t.plan.max_steps} loss {row['loss']:.6f} lr {lr:.3e} norm {row['grad_norm']:.4f}"

@@ -9,6 +9,7 @@ import os
 
 SMOOTHING = 0.9  # EMA weight of the smoothed train loss (TensorBoard's default look)
 CHARTS = ("train_loss", "val_loss", "lr", "grad_norm", "tok_per_s")
+ROUTING = "expert_frac"  # drawn too when a run logged its experts' routing (metrics rows' "expert_frac")
 
 
 def read_run(run_dir):
@@ -37,7 +38,8 @@ def _series(rows, key):
 
 
 def draw(runs):
-    """One matplotlib Figure per chart in CHARTS for runs = [(name, rows, grad_clip[, group]), ...].
+    """One matplotlib Figure per chart in CHARTS, and ROUTING if a run has experts, for runs =
+    [(name, rows, grad_clip[, group]), ...].
 
     Runs of one replicate group (the same configuration, other seeds) share a colour: each run a
     thin line, the group's mean a line and its min-max spread a band, so that two configurations
@@ -47,7 +49,8 @@ def draw(runs):
     import matplotlib.pyplot as plt
 
     figs = {}
-    for chart in CHARTS:
+    routed = any(ROUTING in r for _, rows, *_ in runs for r in rows)
+    for chart in CHARTS + ((ROUTING,) if routed else ()):
         fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
         figs[chart] = (fig, ax)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -56,6 +59,9 @@ def draw(runs):
         groups.setdefault(group[0] if group else name, []).append((name, rows, clip))
     for i, (group, members) in enumerate(groups.items()):
         c = colors[i % len(colors)]
+        if routed:
+            for name, rows, _ in members:
+                _draw_routing(figs[ROUTING][1], name, rows, c)
         if len(members) > 1:
             _draw_group(figs, group, members, c)
             continue
@@ -107,6 +113,24 @@ def _draw_group(figs, group, members, c):
         figs["grad_norm"][1].axhline(clip, color=c, linestyle="--", linewidth=1, label=f"{group} clip threshold {clip:g}")
 
 
+def _draw_routing(ax, name, rows, c):
+    """The largest and the smallest expert's share of the token assignments, one line each per
+    layer, against the share of balanced routing (1 / experts): a gap that opens is imbalance,
+    a smallest share at 0 is an expert that no token uses."""
+    pts = [(r["tokens"], r[ROUTING]) for r in rows if r.get(ROUTING)]
+    if not pts:
+        return
+    x = [p[0] for p in pts]
+    for layer in range(len(pts[0][1])):
+        first = layer == 0  # one legend entry per run and kind of line
+        ax.plot(x, [max(f[layer]) for _, f in pts], color=c, linewidth=1.1,
+                label=f"{name} largest share (a line per layer)" if first else "_")
+        ax.plot(x, [min(f[layer]) for _, f in pts], color=c, linewidth=1.1, linestyle="--",
+                label=f"{name} smallest share" if first else "_")
+    ax.axhline(1 / len(pts[0][1][0]), color=c, linestyle=":", linewidth=1,
+               label=f"{name} balanced: 1/{len(pts[0][1][0])}")
+
+
 def _decorate(figs):
     labels = {
         "train_loss": ("Train loss", "cross-entropy (nats/token)"),
@@ -114,6 +138,7 @@ def _decorate(figs):
         "lr": ("Learning rate", "learning rate (per step)"),
         "grad_norm": ("Gradient norm before clipping", "global L2 norm"),
         "tok_per_s": ("Training throughput", "tokens/s"),
+        ROUTING: ("Expert routing on fixed validation tokens", "share of the token assignments"),
     }
     for chart, (fig, ax) in figs.items():
         title, ylabel = labels[chart]
@@ -127,7 +152,7 @@ def _decorate(figs):
 
 
 def save(runs, out_dir):
-    """Write CHARTS as out_dir/NAME.png; returns {path: [series labels]} of what was drawn."""
+    """Write CHARTS (and ROUTING) as out_dir/NAME.png; returns {path: [series labels]} of what was drawn."""
     import matplotlib.pyplot as plt
 
     os.makedirs(out_dir, exist_ok=True)

@@ -5,6 +5,7 @@ projections as Conv1D, whose weights are (in, out), transposed from nn.Linear. T
 only map names, shapes and configs; gpt_interventions/formats.py reads and writes the files.
 """
 
+import dataclasses
 import json
 
 import torch
@@ -19,16 +20,19 @@ CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".ml
 # causal-mask buffers that older GPT-2 files (the original OpenAI upload) carry; not weights
 BUFFERS = (".attn.bias", ".attn.masked_bias")
 # GPTConfig switches that change the function in a way GPT-2's architecture (and so the book's, which
-# is GPT-2's) cannot express, with GPT-2's value. bias=False is not here: zero biases hold it.
-GPT2_ARCH = {"position": "learned", "norm": "layernorm", "qk_norm": False, "mlp": "gelu", "logit_softcap": 0.0}
+# is GPT-2's) cannot express, with what each is. bias=False is not here: zero biases hold it.
+NOT_GPT2 = {"position": "rotary positions", "norm": "RMSNorm", "qk_norm": "QK-norm", "mlp": "another MLP",
+            "logit_softcap": "soft-capped logits", "n_expert": "a mixture of experts"}
 
 
 def check_gpt2(config, fmt):
-    """UsageError naming the switches of `config` that the GPT-2-shaped format `fmt` cannot hold."""
-    differs = [f"{k}={getattr(config, k)}" for k, v in GPT2_ARCH.items() if getattr(config, k) != v]
+    """UsageError naming each field of `config` that the format `fmt` (GPT-2's architecture) cannot hold."""
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    differs = [f"{name}={getattr(config, name)} ({what})" for name, what in NOT_GPT2.items()
+               if getattr(config, name) != defaults[name]]
     if differs:
-        raise UsageError(f"{fmt} cannot hold this model: GPT-2's architecture has no {', '.join(differs)}; "
-                         "evaluate and sample from the checkpoint itself")
+        raise UsageError(f"{fmt} cannot hold this model: {'; '.join(differs)} is not GPT-2's architecture; "
+                         "evaluate and sample from its checkpoint, which eval.py and sample.py read")
 
 
 def absent_biases(model):

@@ -26,11 +26,11 @@ def to_device(arrays, device):
     return [t.to(device, non_blocking=True) for t in tensors]
 
 
-def accumulate_gradients(ddp_model, model, optimizer, scaler, batches, accum, ctx, d, grad_clip, z_loss=0.0):
-    """Forward and backward over one step's micro-batches, then unscale and clip.
+def accumulate_gradients(ddp_model, model, optimizer, scaler, batches, accum, ctx, d, tc):
+    """Forward and backward over one step's micro-batches, then unscale and clip (tc.grad_clip).
 
-    The loss is the training objective: cross-entropy, plus z_loss times PaLM's z-loss term (GPT.forward).
-    Returns (sum of the micro-batch mean losses, pre-clip global gradient norm), both still on
+    The loss is the training objective: cross-entropy, plus tc.z_loss times PaLM's z-loss term and
+    tc.moe_aux_loss times the experts' balancing loss (GPT.forward). Returns (sum of the micro-batch mean losses, pre-clip global gradient norm), both still on
     the device: nothing here waits for the device, so the next batch is read while it works.
     bench.py times exactly this function.
     """
@@ -41,14 +41,14 @@ def accumulate_gradients(ddp_model, model, optimizer, scaler, batches, accum, ct
         sync = ddp_model.no_sync() if d.world_size > 1 and micro < accum - 1 else nullcontext()
         with sync:
             with ctx:
-                _, loss = ddp_model(x, y, z_loss=z_loss)
+                _, loss = ddp_model(x, y, z_loss=tc.z_loss, moe_aux_loss=tc.moe_aux_loss)
             loss_sum += loss.detach()
             scaler.scale(loss / accum).backward()
     scaler.unscale_(optimizer)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads)  # pre-clip global norm
-    if grad_clip > 0:
-        torch.nn.utils.clip_grads_with_norm_(model.parameters(), grad_clip, norm)
+    if tc.grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), tc.grad_clip, norm)
     return loss_sum, norm
 
 

@@ -61,6 +61,8 @@ class TrainConfig:
     grad_clip: float = field(0.0, "clip the global gradient norm to this; 0: off (norm still logged)")
     z_loss: float = field(0.0, "add z_loss * mean(logsumexp(logits)^2) to the objective (PaLM: 1e-4); the "
                           "logged loss then includes it, validation does not; 0: off")
+    moe_aux_loss: float = field(0.0, "coefficient of the experts' load-balancing loss added to the training "
+                                "loss (Switch Transformer: 0.01); no effect with n_expert = 0")
     # numerics and speed
     dtype: str = field("float16", "autocast dtype; float16 adds a GradScaler",
                        choices=("float32", "bfloat16", "float16"))
@@ -89,6 +91,7 @@ class TrainConfig:
 POSITIVE = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "log_interval",
             "checkpoint_interval", "learning_rate", "muon_lr"}
 FRACTIONS = {"dropout", "beta1", "beta2", "muon_momentum"}  # in [0, 1)
+MAX_EXPERTS = 256  # DeepSeek-V3's routed experts per layer; the dense computation runs every one
 
 # Fields that may differ when a run is resumed: they change how, not what, it computes.
 RUNTIME_FIELDS = {"resume", "out_dir", "run_name", "data_dir", "batch_size", "auto_batch_size",
@@ -126,6 +129,11 @@ def make_plan(mc, tc, world_size):
                          f"{mc.n_embd // mc.n_head} must be even")
     if mc.rope_base <= 1:
         raise UsageError(f"--rope_base must be greater than 1, got {mc.rope_base}")
+    if mc.n_expert > MAX_EXPERTS:
+        raise UsageError(f"--n_expert {mc.n_expert} is more than {MAX_EXPERTS}: every expert runs on every token "
+                         "here (gpt_interventions/moe.py); use fewer")
+    if mc.n_expert and not 1 <= mc.expert_top_k <= mc.n_expert:
+        raise UsageError(f"--expert_top_k must be from 1 to n_expert ({mc.n_expert}), got {mc.expert_top_k}")
     micro = tc.batch_size * mc.block_size * world_size  # tokens in one micro-batch over all ranks
     if tc.total_batch_size:
         if tc.total_batch_size % micro:

@@ -282,8 +282,8 @@ def test_z_loss_adds_its_coefficient_times_the_mean_squared_logsumexp():
     d = SimpleNamespace(device="cpu", device_type="cpu", world_size=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    total, _ = accumulate_gradients(model, model, opt, scaler, [(idx.numpy(), y.numpy())], 1, nullcontext(), d,
-                                    0.0, z_loss=0.01)
+    tc = SimpleNamespace(grad_clip=0.0, z_loss=0.01, moe_aux_loss=0.0)
+    total, _ = accumulate_gradients(model, model, opt, scaler, [(idx.numpy(), y.numpy())], 1, nullcontext(), d, tc)
     assert total.item() == objective.item()
     assert model.nll_sum(idx, y).item() == pytest.approx(ce.item() * 24, rel=1e-6)  # eval: no z-loss
 

@@ -364,8 +364,8 @@ def inject_nonfinite(monkeypatch, what, step):
     forward = GPT.forward
     seed = step_seed(TrainConfig().seed, step, 0)  # train reseeds every step: this identifies the step
 
-    def bad_forward(self, idx, targets=None):
-        logits, loss = forward(self, idx, targets)
+    def bad_forward(self, idx, targets=None, **objective):  # objective: the forward's loss coefficients
+        logits, loss = forward(self, idx, targets, **objective)
         if self.training and torch.initial_seed() == seed:
             loss = loss * float("nan") if what == "loss" else NanGradient.apply(loss)
         return logits, loss

@@ -203,8 +203,8 @@ def test_weight_decay_groups_cover_every_parameter_once():
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
     forward = GPT.forward
 
-    def explode_after_step_6(self, idx, targets=None):
-        logits, loss = forward(self, idx, targets)
+    def explode_after_step_6(self, idx, targets=None, **objective):  # objective: the forward's loss coefficients
+        logits, loss = forward(self, idx, targets, **objective)
         if self.training and torch.initial_seed() == explode_after_step_6.seed_at_7:
             loss = loss * float("nan")
         return logits, loss
