@@ -153,3 +153,17 @@ def torchrun(script, args, launcher=("--standalone", "--nproc_per_node=2"), **en
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", *launcher, script, *args], cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True,
                           timeout=300)
+
+
+def stop_after(monkeypatch, step):
+    """SIGTERM while step `step` (0-indexed) runs, in this process."""
+    import signal
+
+    from gpt_interventions import loader
+    batch = loader.TrainLoader.batch
+
+    def preempt(self, s, micro):
+        if s == step and micro == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch(self, s, micro)
+    monkeypatch.setattr(loader.TrainLoader, "batch", preempt)

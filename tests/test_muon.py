@@ -12,9 +12,8 @@ from gpt_interventions.errors import run_main
 from gpt_interventions.optimizer import MuonAdamW, configure_optimizer, load_optimizer_state
 from gpt_interventions.schedule import get_lr
 from gpt_interventions.training import TrainConfig, make_plan
-from helpers import EXACT, ROOT, assert_same_run, ckpt_of, curve, read_metrics, tiny_flags, torchrun
+from helpers import EXACT, ROOT, assert_same_run, ckpt_of, curve, read_metrics, stop_after, tiny_flags, torchrun
 from model import GPT, GPTConfig
-from test_reliability import stop_after
 
 MUON = dict(EXACT, optimizer="muon", muon_lr=0.02)
 TINY = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=50, qkv_bias=True, dropout=0.0)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import train
-from gpt_interventions import checkpoint, loader, rundir
+from gpt_interventions import checkpoint, rundir
 from gpt_interventions.checkpoint import load_checkpoint
 from gpt_interventions.errors import UsageError
 from gpt_interventions.formats import load_model
@@ -26,6 +26,7 @@ from gpt_interventions.shards import write_shard
 from gpt_interventions.step import step_seed
 from gpt_interventions.training import TrainConfig
 from helpers import (
+    stop_after,
     EXACT,
     ROOT,
     assert_same_run,
@@ -73,17 +74,6 @@ def assert_close_run(ref, out):
     wa, wb = ckpt_of(ref)["model"], ckpt_of(out)["model"]
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
-
-
-def stop_after(monkeypatch, step):
-    """SIGTERM while step `step` (0-indexed) runs, in this process."""
-    batch = loader.TrainLoader.batch
-
-    def preempt(self, s, micro):
-        if s == step and micro == 0:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return batch(self, s, micro)
-    monkeypatch.setattr(loader.TrainLoader, "batch", preempt)
 
 
 # --- processes with an injected fault ----------------------------------------------------------
