@@ -59,9 +59,23 @@ def _installed(package):
 
 def scalars(row):
     """A metrics row as tracker scalars: training rows under train/, validation rows under val/,
-    every number but the step (which is the global step); booleans as 0/1, None left out."""
+    every number but the step (which is the global step); booleans as 0/1, None left out; a list
+    (expert_frac: layers of experts) as one scalar per entry, its indices in the tag
+    (train/expert_frac/0/1: layer 0, expert 1)."""
     kind = "val" if "val_loss" in row else "train"
-    return {f"{kind}/{key}": float(value) for key, value in row.items() if key != "step" and value is not None}
+    out = {}
+
+    def add(tag, value):
+        if isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                add(f"{tag}/{i}", item)
+        elif value is not None:
+            out[tag] = float(value)
+
+    for key, value in row.items():
+        if key != "step":
+            add(f"{kind}/{key}", value)
+    return out
 
 
 class Trackers:

@@ -287,3 +287,14 @@ def test_an_unknown_tracker_is_refused(tracker, data_dir, tmp_path, capsys):
     assert code == 2 and err == (f"error: --tracker={tracker!r}: give none, tensorboard, wandb or "
                                  "tensorboard,wandb\n")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_with_experts_sends_each_routing_share(data_dir, tmp_path):
+    """expert_frac (a list of layers of experts) reaches TensorBoard as one scalar per layer and expert."""
+    out = str(tmp_path / "run")
+    train.main(tiny_flags(data_dir, out, tracker="tensorboard", n_expert=2, max_iters=2, charts=False))
+    rows = read_metrics(out)
+    got = tb_scalars(out)
+    assert got == expected_scalars(rows)
+    frac = [r["expert_frac"] for r in rows if "loss" in r]
+    assert got["train/expert_frac/1/0"] == [(s + 1, float(np.float32(f[1][0]))) for s, f in enumerate(frac)]
