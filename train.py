@@ -321,6 +321,7 @@ def log_step(t, done, lr, loss_sum, norm):
     if t.routing_x is not None and t.d.master:  # per layer, each expert's share of the token assignments
         with autocast(t.d.device_type, t.tc.dtype):
             row["expert_frac"] = routing_fractions(t.model, t.routing_x)
+        t.clock = (time.time(), done)  # the measurement is not training time
     t.run.metrics(row)
     mfu = f"{row['mfu'] * 100:.1f}%" if peak else "n/a"
     t.run.log(f"step {done}/{t.plan.max_steps} loss {row['loss']:.6f} lr {lr:.3e} norm {row['grad_norm']:.4f}"
