@@ -59,19 +59,31 @@ def _results(info):
             results = json.load(f)
     except (OSError, ValueError):  # none yet, or unreadable: the card then says there is none
         results = {}
-    rows = [(key, r) for key, r in sorted(results.items() if isinstance(results, dict) else ())
-            if isinstance(r, dict) and {"checkpoint", "step", "loss", "ppl", "tokens", "dtype"} <= r.keys()
+    mine = [(key, r) for key, r in sorted(results.items() if isinstance(results, dict) else ())
+            if isinstance(r, dict) and {"checkpoint", "step"} <= r.keys()
             and os.path.basename(str(r["checkpoint"])) == os.path.basename(info["checkpoint"])
             and r["step"] == info.get("step")]
-    if not rows:
+    losses = [(key, r) for key, r in mine if {"loss", "ppl", "tokens", "dtype"} <= r.keys()]
+    tasks = [(key, r) for key, r in mine if {"acc_norm", "acc", "examples"} <= r.keys()]  # --task=hellaswag
+    if not losses and not tasks:
         return ("## Evaluation\n\nNo held-out result for this checkpoint in the run's eval.json "
                 "(`python eval.py RUN` writes one).\n")
-    body = table(["dataset/split", "loss", "perplexity", "tokens scored", "dtype"],
-                 [[key, f"{r['loss']:.6f}", f"{r['ppl']:.2f}", f"{r['tokens']:,}", r["dtype"]]
-                  for key, r in rows], markdown=True)
-    return ("## Evaluation\n\nHeld-out loss (cross-entropy in nats per token, the token-weighted mean over "
-            "non-overlapping context-length windows read in order from the split, by gpt-interventions' "
-            "eval.py; `tokens scored` below the split's size means a token budget):\n\n" + body + "\n")
+    text = "## Evaluation\n\n"
+    if losses:
+        body = table(["dataset/split", "loss", "perplexity", "tokens scored", "dtype"],
+                     [[key, f"{r['loss']:.6f}", f"{r['ppl']:.2f}", f"{r['tokens']:,}", r["dtype"]]
+                      for key, r in losses], markdown=True)
+        text += ("Held-out loss (cross-entropy in nats per token, the token-weighted mean over "
+                 "non-overlapping context-length windows read in order from the split, by gpt-interventions' "
+                 "eval.py; `tokens scored` below the split's size means a token budget):\n\n" + body + "\n")
+    if tasks:
+        body = table(["task/split", "acc_norm", "acc", "examples"],
+                     [[key, f"{r['acc_norm']:.4f}", f"{r['acc']:.4f}", f"{r['examples']:,}"] for key, r in tasks],
+                     markdown=True)
+        text += ("\n" if losses else "") + ("HellaSwag, completion style (`eval.py --task=hellaswag`: acc_norm "
+                                            "picks the ending with the lowest mean loss per token, acc the lowest "
+                                            "summed loss):\n\n" + body + "\n")
+    return text
 
 
 def _training(info, train):

@@ -106,6 +106,19 @@ def test_model_card_reports_the_run(run):
     assert f"pipeline(\"text-generation\", model={run['export']!r})" in card
 
 
+def test_model_card_reports_hellaswag_for_this_checkpoint(data_dir, tmp_path):
+    ckpt = tiny_run(data_dir, tmp_path / "run")
+    at = {"checkpoint": ckpt, "task": "hellaswag", "split": "val", "dtype": "float32"}
+    results = {"hellaswag/val": {**at, "step": 2, "acc_norm": 0.25, "acc": 0.5, "examples": 4},
+               "old/val": {**at, "step": 1, "acc_norm": 0.75, "acc": 0.75, "examples": 4}}  # another step: left out
+    with open(tmp_path / "run" / "eval.json", "w") as f:
+        json.dump(results, f)
+    eval_script.main([ckpt, f"--export_hf={tmp_path / 'export'}"])
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "| hellaswag/val | 0.2500 | 0.5000 | 4 |" in card and "0.7500" not in card
+    assert "No held-out result" not in card and "Held-out loss" not in card
+
+
 def test_stale_results_and_other_vocabularies(data_dir, run, tmp_path):
     # eval.json's result is for step 1 of this run, its checkpoint is at step 2: the card leaves it out
     ckpt = tiny_run(data_dir, tmp_path / "run")  # vocab 256: not the GPT-2 BPE
