@@ -345,6 +345,11 @@ def main(argv):
     if not positionals or positionals[0] not in ("plan", "analyze"):
         raise UsageError(f"usage: sweep.py {USAGE}")
     factors = [parse_factor(s) for s in specs]
+    fields = [k for f in factors for k in f.levels]
+    twice = sorted({k for k in fields if fields.count(k) > 1})
+    if twice:  # each run sets every factor's level: the later factor's would silently undo the earlier's
+        raise UsageError(f"{', '.join(twice)} in more than one --factor; give a field one factor with every level "
+                         f"it takes, e.g. --factor {twice[0]}=A,B,C (one-at-a-time designs take more than two)")
     if positionals[0] == "plan":
         if not factors or len(positionals) > 1:
             raise UsageError("plan takes --factor FIELD=A,B (at least one) and no other arguments")

@@ -156,11 +156,22 @@ def test_one_at_a_time_cannot_estimate_interactions(tmp_path, capsys):
     (["plan", "--factor", "grad_clip=0,1,2", "--design=full"], "needs exactly two levels"),
     (["plan", "--factor", "grad_clip=0"], "expected FIELD=LEVEL1,LEVEL2"),
     (["plan"], "at least one"),
+    # each run sets every factor: the second factor's gelu would undo the first's swiglu
+    (["plan", "--factor", "mlp=gelu,swiglu", "--factor", "mlp=gelu,relu2"], "mlp in more than one --factor"),
     (["frobnicate"], "usage: sweep.py"),
 ])
 def test_bad_input_is_a_usage_error(args, message, tmp_path):
     with pytest.raises(UsageError, match=message):
         sweep.main([*args, f"--out={tmp_path / 'x'}"])
+
+
+def test_a_field_with_three_levels_is_one_factor_and_each_run_means_its_name(tmp_path, capsys):
+    out = tmp_path / "m"
+    names = sweep.main(["plan", "--factor", "mlp=gelu,swiglu,relu2", "--factor", "qk_norm=False,True", f"--out={out}"])
+    assert names == ["m-00-baseline", "m-01-mlpswiglu", "m-02-mlprelu2", "m-03-qk_normTrue"]  # one seed: no suffix
+    configs = [parse_config([str(out / f"{n}.toml")], [GPTConfig, TrainConfig], "train.py", "")[0][0] for n in names]
+    assert [(mc.mlp, mc.qk_norm) for mc in configs] == [("gelu", False), ("swiglu", False), ("relu2", False),
+                                                         ("gelu", True)]
 
 
 def test_power_plan_seeds_runs_and_cost(tmp_path, capsys):
