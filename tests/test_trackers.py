@@ -85,6 +85,14 @@ def expected_scalars(rows):
     return out
 
 
+def attempt(path):
+    """Order of the offline runs: wandb names each offline-run-YYYYMMDD_HHMMSS-ID and adds -1, -2, ...
+    when attempts start in the same second (plain path order would put ID-1/ before ID/)."""
+    name = os.path.basename(os.path.dirname(path))
+    stamp, rest = name[len("offline-run-"):].split("-", 1)
+    return stamp, int(rest.split("-")[1]) if "-" in rest else 0
+
+
 def read_wandb(wandb_dir):
     """History rows {step: {key: value}} and config of every offline run under wandb_dir, in order.
 
@@ -94,7 +102,7 @@ def read_wandb(wandb_dir):
     """
     from wandb.proto import wandb_internal_pb2
     history, config = [], {}
-    for path in sorted(glob.glob(os.path.join(str(wandb_dir), "wandb", "offline-run-*", "run-*.wandb"))):
+    for path in sorted(glob.glob(os.path.join(str(wandb_dir), "wandb", "offline-run-*", "run-*.wandb")), key=attempt):
         with open(path, "rb") as f:
             data = f.read()
         assert data[:4] == b":W&B"
@@ -171,7 +179,7 @@ def test_wandb_offline_holds_every_row_the_config_and_the_charts(tracked):
     assert {k: config[k] for k in meta} == meta
     with open(os.path.join(run_dir, "wandb_run.json")) as f:
         run_id = json.load(f)["id"]
-    assert glob.glob(os.path.join(str(wandb_dir), "wandb", f"offline-run-*-{run_id}"))
+    assert glob.glob(os.path.join(str(wandb_dir), "wandb", f"offline-run-*-{run_id}*", f"run-{run_id}.wandb"))
     last = history[-1]
     for path in glob.glob(os.path.join(run_dir, "charts", "*.png")):
         with open(path, "rb") as f:
@@ -213,8 +221,9 @@ def test_a_restarted_run_gives_each_step_once(data_dir, tmp_path, offline, monke
     # wandb: one run id, three offline attempts; each step once, the first value sent for it
     history, _ = read_wandb(offline)
     assert len(glob.glob(os.path.join(str(offline), "wandb", "offline-run-*"))) == 3
-    assert len({os.path.basename(p).rsplit("-", 1)[1]
-                for p in glob.glob(os.path.join(str(offline), "wandb", "offline-run-*"))}) == 1
+    # each attempt's directory holds run-ID.wandb (its name gains -1, -2 when attempts start in the same second)
+    assert len({os.path.basename(p)[len("run-"):-len(".wandb")]
+                for p in glob.glob(os.path.join(str(offline), "wandb", "offline-run-*", "run-*.wandb"))}) == 1
     got = wandb_scalars(history)
     assert {tag: [s for s, _ in pts] for tag, pts in got.items()} == \
         {tag: [s for s, _ in pts] for tag, pts in expected_scalars(rows).items()}
