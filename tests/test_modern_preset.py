@@ -11,7 +11,7 @@ import train
 from gpt_interventions.cli import load_preset
 from gpt_interventions.errors import run_main
 from gpt_interventions.resolve import resolve_config
-from helpers import EXACT, ROOT, assert_same_run, make_shards, read_metrics, stop_after, tiny_flags
+from helpers import EXACT, ROOT, assert_same_run, make_shards, read_metrics, stop_after, tiny_flags, torchrun
 
 # the switches config/modern.toml adds to the story's best stack (the speedrun's kept changes)
 SWITCHES = {"position": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2", "bias": False,
@@ -66,3 +66,23 @@ def test_every_switch_at_once_trains_resumes_bitwise_and_evaluates(data_dir, tmp
                                 "--eval_tokens=1024", "--ledger="])
     last_val = [r for r in read_metrics(out) if "val_loss" in r][-1]["val_loss"]
     assert f"syn/val loss {last_val:.6f}" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_every_architecture_switch_under_two_rank_ddp_matches_one_process(data_dir, tmp_path):
+    # AdamW here: Muon's own DDP test (tests/test_muon.py) bounds its bfloat16 Newton-Schulz rounding
+    # no dropout: its masks are drawn per rank, so one process and two ranks would drop different units
+    flags = {**EVERYTHING, "optimizer": "adamw", "dropout": 0.0, "max_iters": 6, "eval_interval": 3,
+             "checkpoint_interval": 6}
+    train.main(tiny_flags(data_dir, str(tmp_path / "one"), **flags))
+    proc = torchrun(os.path.join(ROOT, "train.py"), tiny_flags(data_dir, str(tmp_path / "two"), **flags))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):  # the same tokens per step; only the order of the sums differs
+        for key in ("loss", "val_loss", "grad_norm"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
+        if "expert_frac" in a:  # routing of the same fixed tokens by nearly the same weights
+            for layer_a, layer_b in zip(a["expert_frac"], b["expert_frac"], strict=True):
+                assert layer_a == pytest.approx(layer_b, abs=0.02)
