@@ -86,8 +86,7 @@ def main(argv):
     row = {**info, "dataset": ec.dataset, "split": ec.split, "eval_tokens": ec.eval_tokens,
            "dtype": ec.dtype, "loss": loss, "ppl": math.exp(loss), "tokens": tokens,
            "seconds": round(seconds, 3), "batch_size": ec.batch_size, "device": d.device,
-           "world_size": d.world_size, "git_commit": git_commit(),
-           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+           "world_size": d.world_size, **stamp()}
     if d.master:
         record(row, ec.ledger)
     print0(json.dumps(row) if ec.json else
@@ -112,7 +111,7 @@ def score_hellaswag(spec, ec):
     row = {**info, "task": "hellaswag", "split": "val", "input": path, "dtype": ec.dtype, "acc_norm": s.acc_norm,
            "acc": s.acc, "examples": s.examples, "correct_norm": s.correct_norm, "correct": s.correct,
            "truncated": cut, "seconds": round(seconds, 3), "device": d.device, "world_size": d.world_size,
-           "git_commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+           **stamp()}
     if d.master:
         record(row, ec.ledger)
     cut_note = f"; {cut} contexts cut from the left to fit block_size {model.config.block_size}" if cut else ""
@@ -145,6 +144,11 @@ def export(spec, ec):
         if ec.push_to_hub:
             url, private = push_to_hub(folder, ec.push_to_hub, not ec.public, token, kept=bool(out))
             print(f"uploaded to {url} ({'private' if private else 'public'})")
+
+
+def stamp():
+    """What produced a result row, and when: the code's commit and the UTC time."""
+    return {"git_commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def record(row, ledger):

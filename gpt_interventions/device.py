@@ -30,7 +30,12 @@ class Dist:
 
     @property
     def device_type(self):
-        return "cuda" if self.device.startswith("cuda") else "cpu"
+        return device_type_of(self.device)
+
+
+def device_type_of(device):
+    """"cuda" for cuda or cuda:N, else "cpu": what autocast and the kernels' choices key on."""
+    return "cuda" if str(device).startswith("cuda") else "cpu"
 
 
 def setup_dist(device="auto"):

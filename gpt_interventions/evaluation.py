@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from gpt_interventions.device import autocast
+from gpt_interventions.device import autocast, device_type_of
 from gpt_interventions.loader import read_windows
 
 
@@ -17,7 +17,7 @@ def evaluate(model, windows, batch_size, device, dtype="float32", rank=0, world_
     except for a compiled model on a GPU, whose compiled forward scores 1.35x faster there (at 4x
     the memory, the whole logits tensor: BENCHMARKS.md); the two agree up to float rounding.
     """
-    device_type = "cuda" if str(device).startswith("cuda") else "cpu"
+    device_type = device_type_of(device)
     compiled = model if device_type == "cuda" and hasattr(model, "_orig_mod") else None
     model = getattr(model, "_orig_mod", model)  # the plain module: its config, its train/eval mode
     was_training = model.training

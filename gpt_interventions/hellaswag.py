@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from gpt_interventions.atomic import atomic_write
-from gpt_interventions.device import autocast
+from gpt_interventions.device import autocast, device_type_of
 from gpt_interventions.errors import UsageError
 from gpt_interventions.tokenizer import EOT
 
@@ -153,7 +153,7 @@ def score(model, encoded, device="cpu", dtype="float32", rank=0, world_size=1):
     Examples are dealt round-robin to ranks and the counts all-reduced, so any world size scores
     the same examples with the same result."""
     check_vocab(model)
-    device_type = "cuda" if str(device).startswith("cuda") else "cpu"
+    device_type = device_type_of(device)
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64)  # (correct_norm, correct, examples)

@@ -15,7 +15,8 @@ def configure_optimizer(model, tc, device_type):
     hidden matrices first taken out of them; every parameter in exactly one group."""
     params = dict(model.named_parameters())  # a tied weight appears once, under its first name
     muon = [p for name, p in params.items() if tc.optimizer == "muon" and is_hidden_matrix(name, p)]
-    rest = [p for p in params.values() if not any(p is q for q in muon)]
+    taken = set(map(id, muon))
+    rest = [p for p in params.values() if id(p) not in taken]
     if tc.decay_params == "all":
         decay, no_decay = rest, []
     else:  # matrices (Linear weights, embeddings) decay; biases and LayerNorm gains do not
