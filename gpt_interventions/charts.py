@@ -6,10 +6,15 @@ or train.py, costs nothing until a chart is drawn.
 
 import json
 import os
+import textwrap
 
 SMOOTHING = 0.9  # EMA weight of the smoothed train loss (TensorBoard's default look)
 CHARTS = ("train_loss", "val_loss", "lr", "grad_norm", "tok_per_s")
 ROUTING = "expert_frac"  # drawn too when a run logged its experts' routing (metrics rows' "expert_frac")
+WIDTH, HEIGHT = 8, 4.5  # inches of a chart without its legend, drawn at 100 dpi
+# The legend lies below the axes, never on the data: each label wrapped to fit the figure's width
+# (LEGEND_CHARS characters of 8-point text), the figure made taller by LEGEND_LINE inches a line.
+LEGEND_CHARS, LEGEND_LINE, LEGEND_FONT = 110, 0.19, 8
 
 
 def read_run(run_dir):
@@ -51,7 +56,7 @@ def draw(runs):
     figs = {}
     routed = any(ROUTING in r for _, rows, *_ in runs for r in rows)
     for chart in CHARTS + ((ROUTING,) if routed else ()):
-        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+        fig, ax = plt.subplots(figsize=(WIDTH, HEIGHT), dpi=100, layout="constrained")
         figs[chart] = (fig, ax)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     groups = {}
@@ -146,9 +151,11 @@ def _decorate(figs):
         ax.set_xlabel("training tokens")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if ax.get_lines():
-            ax.legend(fontsize=8)
-        fig.tight_layout()
+        handles, names = ax.get_legend_handles_labels()
+        if handles:
+            names = [textwrap.fill(name, LEGEND_CHARS) for name in names]
+            fig.set_figheight(HEIGHT + LEGEND_LINE * (sum(n.count("\n") + 1 for n in names) + 1))
+            fig.legend(handles, names, loc="outside lower center", fontsize=LEGEND_FONT)
 
 
 def save(runs, out_dir):
