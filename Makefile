@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO := out/demo
 
-.PHONY: test demo bench gpu-check clean
+.PHONY: test demo flags bench gpu-check clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ demo: $(VENV)/.installed
 	$(BIN)/python eval.py $(DEMO)/tiny-best --dataset=sample --split=test --ledger=$(DEMO)/results.jsonl
 	$(BIN)/python sample.py $(DEMO)/tiny-best --num_samples=3 --max_new_tokens=30
 	$(BIN)/python compare.py $(DEMO)/tiny $(DEMO)/tiny-best --charts=$(DEMO)/charts
+
+# docs/flags.md from the scripts' config dataclasses (tests/test_docs.py fails when it is stale).
+flags: $(VENV)/.installed
+	$(BIN)/python -m gpt_interventions.flagdoc
 
 # The CPU figures of BENCHMARKS.md; `make bench NANOGPT=path/to/nanoGPT` adds the side-by-side.
 bench: $(VENV)/.installed
