@@ -279,9 +279,8 @@ def test_charts_draw_a_group_in_one_colour_with_its_spread(tmp_path, capsys):
     assert val == ["_base-s42", "_base-s43", "baseline (mean of 2 runs, band: min-max)", "gc"]  # a lone run: its name
 
 
-@pytest.mark.parametrize("groups,label", [(1, "baseline"), (3, "grad_clip=3.5"), (12, "x" * 30),
-                                          (2, ", ".join(f"intervention_{i}=value_{i}" for i in range(20))),
-                                          (5, "a_flag_name_without_any_space_" * 12)])
+@pytest.mark.parametrize("groups,label", [(2, ", ".join(f"intervention_{i}=value_{i}" for i in range(20))),
+                                          (8, "grad_clip=3.5"), (3, "a_flag_name_without_any_space_" * 12)])
 def test_chart_legends_lie_inside_the_saved_figure_and_off_the_data(groups, label, tmp_path):
     import struct
 
@@ -298,7 +297,7 @@ def test_chart_legends_lie_inside_the_saved_figure_and_off_the_data(groups, labe
         legend = fig.legends[0] if fig.legends else ax.get_legend()
         box, page, data = legend.get_window_extent(), fig.bbox, ax.get_window_extent()
         assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, chart
-        assert box.y1 < data.y0 and not box.overlaps(ax.xaxis.label.get_window_extent()), chart  # below the axes
+        assert box.y1 <= ax.xaxis.label.get_window_extent().y0 < data.y0, chart  # below the axes and their label
         assert data.height > 200, chart  # the plot keeps its height however long the legend
         with open(tmp_path / f"{chart}.png", "rb") as f:  # and that figure is what was saved
             assert struct.unpack(">II", f.read(24)[16:24]) == (round(page.width), round(page.height))
