@@ -24,12 +24,14 @@ test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q tests
 
 # The demo: three seeds each of the tiny baseline and the tiny model with rotary positions and Muon
-# (the two switches interventions.md's tiny-scale table found better), 40 steps each, scored on the
-# sample's test split and compared seed by seed. Its runs live in out/demo/, replaced on every call.
+# (the two switches interventions.md's tiny-scale table found better), 40 steps each to fit about
+# 3-4 minutes on two cores (BENCHMARKS.md), scored on the sample's test split and compared seed by
+# seed: at 40 steps the pair measured 0.09 better, p 0.001 (interventions.md). Its runs live in
+# out/demo/, replaced on every call.
 DEMO_SEEDS := 42 43 44
 DEMO_STEPS := --max_iters=40 --charts=False
 DEMO_SWITCHES := --position=rope --optimizer=muon
-DEMO_NOTE := "What a verdict here says: whether rotary positions with Muon change the test loss of this 2-layer, 64-wide model after 82k tokens by more than other seeds do. What it does not say: anything about the 163M model on 3.26B tokens, where an effect can shrink, vanish or reverse (interventions.md, The modern switches at tiny scale); there, run the same comparison on GPUs (README.md)."
+DEMO_NOTE := "What a verdict here says: whether rotary positions with Muon change the test loss of this 2-layer, 64-wide model after 82k tokens by more than other seeds do. What it does not say: anything about the 163M model on 3.26B tokens, where an effect can shrink, vanish or reverse (this one was still behind at 30 steps: interventions.md); there, run the same comparison on GPUs (README.md)."
 
 demo: $(VENV)/.installed
 	$(BIN)/python prepare_data.py --dataset=sample
