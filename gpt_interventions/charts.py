@@ -105,14 +105,15 @@ def _draw_group(figs, group, members, c):
             series = [(x, smooth(y)) for x, y in series]
         xs = series[0][0]
         band = bool(xs) and all(x == xs for x, _ in series)  # the same logged steps: a band is meaningful
+        dots = {"marker": "o", "markersize": 3} if key == "val_loss" else {}  # a few points: a line alone may not show
         for i, ((name, _, _), (x, y)) in enumerate(zip(members, series)):
             label = f"_{name}" if band or i else f"{group} ({n} runs)"  # _: not in the legend
-            ax.plot(x, y, color=c, alpha=0.35, linewidth=0.7, label=label)
+            ax.plot(x, y, color=c, alpha=0.35, linewidth=0.7, label=label, **dots)
         if band:
             ys = [y for _, y in series]
             ax.fill_between(xs, [min(v) for v in zip(*ys)], [max(v) for v in zip(*ys)], color=c, alpha=0.15)
             ax.plot(xs, [sum(v) / n for v in zip(*ys)], color=c, linewidth=1.6,
-                    label=f"{group} (mean of {n} runs, band: min-max)")
+                    label=f"{group} (mean of {n} runs, band: min-max)", **dots)
     clip = members[0][2]
     if clip > 0:
         figs["grad_norm"][1].axhline(clip, color=c, linestyle="--", linewidth=1, label=f"{group} clip threshold {clip:g}")
