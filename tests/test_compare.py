@@ -11,6 +11,8 @@ import eval as eval_script
 import train
 from gpt_interventions import charts, stats
 from gpt_interventions.errors import UsageError
+from gpt_interventions.results import group_runs, load_runs
+from gpt_interventions.verdicts import judge
 from helpers import ROOT, cli, eval_rows, fake_run, make_shards, snapshot, stop_after, tiny_flags
 
 
@@ -369,3 +371,6 @@ def test_a_diverged_baseline_is_refused_and_no_other_row_is_the_baseline(tmp_pat
     out = json.loads(capsys.readouterr().out)
     assert out["baseline"] == "gc-s1" and [r["verdict"] for r in out["rows"]] == ["baseline"]
     assert [(r["run"], r["left_out"]) for r in out["runs"] if r["left_out"]] == [("base", "its test loss is nan (diverged)")]
+    runs = load_runs([str(tmp_path / "base"), str(tmp_path / "gc-*")])
+    with pytest.raises(ValueError, match="baseline group has no values"):  # judge itself never labels another
+        judge(group_runs(runs, runs[0]))
