@@ -219,7 +219,7 @@ def report(runs, baseline, rows, refs, base_mean, sources, noise, cc, accuracy=N
             "rows": json_rows(rows, cc, cc.split),
             "runs": [{"run": x.name, "dir": x.dir, "group": group_of.get(id(x)), "seed": x.config.get("seed"),
                       "data_seed": x.config.get("data_seed"), "loss": x.loss, "source": x.source,
-                      "left_out": x.missing or None} for x in runs],
+                      "scored": x.scored or None, "left_out": x.missing or None} for x in runs],
             "references": [{"name": f.name, "loss": f.loss, "delta": f.loss - base_mean}
                            for f in refs],
             **noise_json(sources, noise)}

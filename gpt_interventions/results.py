@@ -45,6 +45,7 @@ class FinishedRun:
     accuracy: float | None = None        # HellaSwag acc_norm of the final checkpoint, if scored
     accuracy_examples: int | None = None
     missing: str = ""                    # why loss is None
+    scored: str = ""                     # which result the loss is (eval.json's key), for --json
 
     def last(self, key):
         return next((r[key] for r in reversed(self.rows) if r.get(key) is not None), None)
@@ -78,7 +79,7 @@ def load_run(run_dir, split="test"):
     if split == "test":
         row, why = eval_results.final_result(results, final, f"{dataset}/test")
         if row:
-            run.loss, run.test_tokens = row["loss"], row["tokens"]
+            run.loss, run.test_tokens, run.scored = row["loss"], row["tokens"], eval_results.key(row)
         else:
             run.missing = f"{why}; score it: python eval.py {run_dir} --dataset={dataset}"
     else:

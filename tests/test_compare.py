@@ -300,7 +300,8 @@ def test_a_runs_test_loss_is_the_float32_score_of_its_final_checkpoint(tmp_path,
     run, = compare.load_runs([out])
     assert (run.loss, run.test_tokens, run.source) == (final["loss"], final["tokens"], "test")
     compare.main([out, "--json"])
-    assert json.loads(capsys.readouterr().out)["runs"][0]["loss"] == final["loss"]
+    row = json.loads(capsys.readouterr().out)["runs"][0]
+    assert (row["loss"], row["scored"]) == (final["loss"], "syn/test ckpt.pt step 6 float32 eval_tokens=0")
     # eval.json as eval.py wrote it before (one row per dataset/split) loads by the same rule
     for row, loss in ((final, final["loss"]), (old, None), (half, None)):
         with open(os.path.join(out, "eval.json"), "w") as f:
