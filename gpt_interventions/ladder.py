@@ -25,7 +25,7 @@ from scipy.optimize import least_squares
 from gpt_interventions.errors import UsageError
 from gpt_interventions.stats import t_quantile
 
-SIZE_FIELDS = ("n_layer", "n_embd", "n_head", "max_tokens")
+SIZE_FIELDS = ("n_layer", "n_embd", "n_head", "max_tokens", "max_iters")
 CAVEATS = [
     "caveats:",
     "  - an extrapolation: the fit is checked only where the rungs are (the residuals above); the target is "
@@ -60,9 +60,18 @@ def size_of(mc):
     return SIZES[key]
 
 
+def trained_tokens(c):
+    """Tokens a run of config fields `c` (a dict) trains: max_iters steps of total_batch_size (or of one
+    micro-batch of one rank) when max_iters is set, else max_tokens (train.py rounds it up to whole
+    steps: at most one step more)."""
+    if c["max_iters"]:
+        return c["max_iters"] * (c["total_batch_size"] or c["batch_size"] * c["block_size"])
+    return c["max_tokens"]
+
+
 def tokens_per_param(mc, tc, given):
-    """The ladder's tokens per parameter: `given`, or the target's (its max_tokens over its parameters)."""
-    return given or tc.max_tokens / size_of(mc)[0]
+    """The ladder's tokens per parameter: `given`, or the target's (its tokens over its parameters)."""
+    return given or trained_tokens({**mc.__dict__, **tc.__dict__}) / size_of(mc)[0]
 
 
 @dataclass
@@ -228,7 +237,7 @@ def main(factors, sc, positionals, argv, explicit, plan, Factor):
     for n_layer in layers:
         shape = rung_shape(mc, n_layer)
         params, per_token = size_of(type(mc)(**{**mc.__dict__, **shape}))
-        for k, v in {**shape, "max_tokens": round(tpp * params)}.items():
+        for k, v in {**shape, "max_tokens": round(tpp * params), "max_iters": 0}.items():
             levels[k].append(v)
         sizes.append((shape, params, per_token * round(tpp * params)))
     if sc.mup:
@@ -244,7 +253,7 @@ def main(factors, sc, positionals, argv, explicit, plan, Factor):
 
     rows = [[i, j] for j in range(len(next(iter(arms.levels.values())))) for i in range(len(layers))]
     names = plan([Factor("n_layer", levels), arms], sc, argv, explicit, rows, tail)
-    target_c = size_of(mc)[1] * tc.max_tokens
+    target_c = size_of(mc)[1] * trained_tokens({**mc.__dict__, **tc.__dict__})
     print(f"rungs ({tpp:g} tokens per parameter; compute as a fraction of the target's "
           f"{target_c:.3g} FLOPs, per arm and seed):")
     for shape, params, c in sizes:
@@ -261,7 +270,7 @@ def analyze(patterns, arms, sc, mc, tc):
     from model import GPTConfig
     runs = load_runs(patterns, sc.split)
     left_out = judged_lines(runs, sc.split)[1:]
-    target_c = size_of(mc)[1] * tc.max_tokens
+    target_c = size_of(mc)[1] * trained_tokens({**mc.__dict__, **tc.__dict__})
     fields = GPTConfig.__dataclass_fields__
     n_arms = len(next(iter(arms.levels.values())))
     names = [arms.describe(a) for a in range(n_arms)]
@@ -277,9 +286,9 @@ def analyze(patterns, arms, sc, mc, tc):
         if (rmc.n_layer, rmc.n_embd) == (mc.n_layer, mc.n_embd):
             targets.setdefault(arm, []).append(r.loss)
         else:
-            points.append((arm, size_of(rmc)[1] * r.config["max_tokens"] / target_c, r.loss, r.config["seed"]))
+            points.append((arm, size_of(rmc)[1] * trained_tokens(r.config) / target_c, r.loss, r.config["seed"]))
     print(f"{len(points)} ladder runs, {sum(map(len, targets.values()))} target-scale runs; "
-          f"target: n_layer {mc.n_layer}, n_embd {mc.n_embd}, {tc.max_tokens:,} tokens ({target_c:.3g} FLOPs)")
+          f"target: n_layer {mc.n_layer}, n_embd {mc.n_embd}, {trained_tokens({**mc.__dict__, **tc.__dict__}):,} tokens ({target_c:.3g} FLOPs)")
     for line in left_out:
         print(line)
     best, losses, diffs = bootstrap(points, n_arms, sc.bootstrap)

@@ -103,3 +103,22 @@ def test_bad_ladder_input_is_a_usage_error(args, message, tmp_path):
         seeds = [] if "--seeds=1" in args else ["--seeds=2"]
         sweep.main(["ladder", f"--out={tmp_path / 'never'}", *seeds, *args])
     assert not os.path.exists(tmp_path / "never")
+
+
+def test_a_target_counted_in_steps_gives_rungs_counted_in_tokens(tmp_path, capsys):
+    """config/tiny.toml trains max_iters = 100 steps of 2,048 tokens: the target's tokens are those, and
+    every rung trains by max_tokens (max_iters 0), or its token count would be ignored."""
+    target = tmp_path / "target.toml"
+    target.write_text((open(os.path.join(os.path.dirname(__file__), "..", "config", "tiny.toml")).read()
+                       + "n_layer = 8\nn_head = 4\nn_embd = 128\n").replace("n_layer = 2\nn_head = 2\nn_embd = 64\n", ""))
+    out = tmp_path / "lad"
+    names = sweep.main(["ladder", "--factor", "qkv_bias=False,True", "--seeds=2", f"--out={out}", f"--preset={target}"])
+    (tmc, ttc), _, _ = parse_config([str(target)], [GPTConfig, TrainConfig], "train.py", "")
+    tpp = 100 * 2048 / ladder.size_of(tmc)[0]
+    shapes = set()
+    for name in names:
+        (mc, tc), _, _ = parse_config([str(out / f"{name}.toml")], [GPTConfig, TrainConfig], "train.py", "")
+        assert tc.max_iters == 0 and mc.block_size == 64  # the preset underneath
+        assert abs(tc.max_tokens - tpp * ladder.size_of(GPTConfig(**{**mc.__dict__, "qkv_bias": False}))[0]) <= 1
+        shapes.add((mc.n_layer, mc.n_embd, mc.n_head, mc.mup_base_width))
+    assert shapes == {(2, 32, 1, 128), (4, 64, 2, 128), (6, 96, 3, 128)}  # 16 per layer, 32-wide heads
