@@ -138,9 +138,10 @@ def toml_value(v):
     return repr(v) if isinstance(v, (int, float)) else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def plan(factors, sc, argv, explicit, rows=None, tail=None):
+def plan(factors, sc, argv, explicit, rows=None, tail=None, label=None):
     """Write a preset per run and run.sh; rows: the level indices of each run (default: the design's);
-    tail(python, out_root, names): the script's last lines (default: compare.py, then analyze)."""
+    tail(python, out_root, names): the script's last lines (default: compare.py, then analyze);
+    label(factors, row): a run's name after its number (default: run_label)."""
     rows, gens = (rows, None) if rows is not None else plan_rows(factors, sc)
     power_lines = []
     if sc.effect:
@@ -165,7 +166,7 @@ def plan(factors, sc, argv, explicit, rows=None, tail=None):
         flags = [f"--{k}={v[lvl]}" for f, lvl in zip(factors, row) for k, v in f.levels.items()]
         mc, tc = resolve(base_args + flags)
         for s in range(sc.seeds):
-            name = f"{prefix}-{i:02d}-{run_label(factors, row)}" + (f"-s{tc.seed + s}" if sc.seeds > 1 else "")
+            name = f"{prefix}-{i:02d}-{(label or run_label)(factors, row)}" + (f"-s{tc.seed + s}" if sc.seeds > 1 else "")
             values = {**asdict(mc), **asdict(tc), "seed": tc.seed + s, "run_name": name}
             keys = [k for k in base if k not in ("run_name", "out_dir")] + [k for f in factors for k in f.levels]
             keys += ["seed"] * (sc.seeds > 1) + ["run_name"]
@@ -373,7 +374,7 @@ def main(argv):
         raise UsageError(f"{', '.join(twice)} in more than one --factor; give a field one factor with every level "
                          f"it takes, e.g. --factor {twice[0]}=A,B,C (one-at-a-time designs take more than two)")
     if positionals[0] == "ladder":
-        return ladder.main(factors, sc, positionals[1:], argv, explicit, plan, Factor)
+        return ladder.main(factors, sc, positionals[1:], argv, explicit, plan, Factor, run_label)
     if positionals[0] == "plan":
         if not factors or len(positionals) > 1:
             raise UsageError("plan takes --factor FIELD=A,B (at least one) and no other arguments")

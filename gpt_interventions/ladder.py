@@ -209,8 +209,8 @@ def target_of(sc):
     return parse_config([sc.preset] if sc.preset else [], [GPTConfig, TrainConfig], "train.py", "")[0]
 
 
-def main(factors, sc, positionals, argv, explicit, plan, Factor):
-    """sweep.py ladder: plan the runs (plan and Factor are sweep.py's), or with --analyze fit them."""
+def main(factors, sc, positionals, argv, explicit, plan, Factor, run_label):
+    """sweep.py ladder: plan the runs (plan, Factor and run_label are sweep.py's), or with --analyze fit them."""
     if len(factors) != 1:
         raise UsageError("ladder takes one --factor: its levels are the arms, the first the baseline "
                          "(fields that move together go in one factor)")
@@ -252,7 +252,10 @@ def main(factors, sc, positionals, argv, explicit, plan, Factor):
                 f"{preset} --split={sc.split}"]
 
     rows = [[i, j] for j in range(len(next(iter(arms.levels.values())))) for i in range(len(layers))]
-    names = plan([Factor("n_layer", levels), arms], sc, argv, explicit, rows, tail)
+    def label(factors, row):  # every run names its rung: n_layer2, n_layer2_qkv_biasTrue
+        return f"n_layer{layers[row[0]]}" + (f"_{run_label([arms], row[1:])}" if row[1] else "")
+
+    names = plan([Factor("n_layer", levels), arms], sc, argv, explicit, rows, tail, label)
     target_c = size_of(mc)[1] * trained_tokens({**mc.__dict__, **tc.__dict__})
     print(f"rungs ({tpp:g} tokens per parameter; compute as a fraction of the target's "
           f"{target_c:.3g} FLOPs, per arm and seed):")

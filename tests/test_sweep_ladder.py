@@ -49,6 +49,7 @@ def test_plan_sizes_follow_the_rule(tmp_path, capsys):
     out = tmp_path / "lad"
     names = sweep.main(["ladder", "--factor", "qkv_bias=False,True", "--rungs=2,4,6,12", "--seeds=2", f"--out={out}"])
     assert len(names) == 4 * 2 * 2
+    assert names[0] == "lad-00-n_layer2-s42" and names[-1] == "lad-07-n_layer12_qkv_biasTrue-s43"
     target, _ = parse_config([], [GPTConfig, TrainConfig], "train.py", "")[0]
     seen = set()
     for name in names:
