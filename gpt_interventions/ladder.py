@@ -291,7 +291,8 @@ def analyze(patterns, arms, sc, mc, tc):
         else:
             points.append((arm, size_of(rmc)[1] * trained_tokens(r.config) / target_c, r.loss, r.config["seed"]))
     print(f"{len(points)} ladder runs, {sum(map(len, targets.values()))} target-scale runs; "
-          f"target: n_layer {mc.n_layer}, n_embd {mc.n_embd}, {trained_tokens({**mc.__dict__, **tc.__dict__}):,} tokens ({target_c:.3g} FLOPs)")
+          f"target: n_layer {mc.n_layer}, n_embd {mc.n_embd}, "
+          f"{trained_tokens({**mc.__dict__, **tc.__dict__}):,} tokens ({target_c:.3g} FLOPs)")
     for line in left_out:
         print(line)
     best, losses, diffs = bootstrap(points, n_arms, sc.bootstrap)
