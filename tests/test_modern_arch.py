@@ -32,7 +32,9 @@ from gpt_interventions.checkpoint import save_checkpoint
 from gpt_interventions.errors import UsageError
 from gpt_interventions.format_hf import to_hf
 from gpt_interventions.formats import export_hf, load_model
+from gpt_interventions.optimizer import configure_optimizer
 from gpt_interventions.step import accumulate_gradients
+from gpt_interventions.training import TrainConfig
 from model import GPT, GPTConfig, apply_rotary, rotary
 from reference_gpt import assert_plain_gpt2_run, gpt2_logits, gpt2_loss, weights_digest
 
@@ -61,6 +63,7 @@ DEFAULTS = dict(position="learned", rope_base=10000.0, norm="layernorm", qk_norm
     ("torch", dict(qkv_bias=True, tie_weights=True, pad_vocab=True), "8596404ce0a5da92"),
     ("gpt2", {}, "97dfad7f1bab9fdd"),
     ("gpt2", dict(qkv_bias=True, tie_weights=True, pad_vocab=True), "92df3c6971eef4ed")])
+@pytest.mark.numerics
 def test_defaults_give_the_same_weights_logits_and_loss_as_plain_gpt2(init, switches, state):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=50, init=init, **switches,
@@ -76,6 +79,7 @@ def test_defaults_give_the_same_weights_logits_and_loss_as_plain_gpt2(init, swit
     assert torch.equal(model(idx, idx, z_loss=0.0)[1], model(idx, idx)[1])
 
 
+@pytest.mark.numerics
 def test_default_tiny_run_trains_the_same_weights_as_plain_gpt2(data_dir, tmp_path):
     # 4 steps with dropout, train.py end to end, against a plain loop on plain GPT-2
     out = str(tmp_path / "run")
@@ -366,3 +370,37 @@ def test_sample_runs_on_a_switched_checkpoint(data_dir, tmp_path, capsys):
         sample.main([ckpt, "--max_new_tokens=8", "--device=cpu", "--num_samples=1"])
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] and texts[0].startswith("Every effort moves you")
+
+
+# --- compiled with dynamo's eager backend: the same kernels, the same bits ---------------------
+
+
+@pytest.mark.numerics
+def test_dynamo_with_the_eager_backend_trains_every_switch_bit_for_bit_as_eager():
+    # dynamo captures the same ATen calls and replays them in order, no decomposition, no fusion,
+    # the dropout masks drawn from the same RNG: forward, backward and 3 Muon steps of every
+    # architecture switch at once (experts, z-loss and the balancing loss too) keep every bit,
+    # seeded once, so that an RNG draw by the compilation would show (docs/testing.md)
+    switches = dict(STACKS["speedrun-like"], n_expert=4, expert_top_k=2, dropout=0.1)
+    z_loss = switches.pop("z_loss")
+
+    def train_3_steps(backend):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = GPT(tiny(**switches))
+        optimizer = configure_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-3), "cpu")
+        forward = torch.compile(model, backend=backend) if backend else model
+        losses = []
+        for step in range(3):
+            idx = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(step))
+            loss = forward(idx, idx, z_loss=z_loss, moe_aux_loss=0.01)[1]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        return losses, model.state_dict()
+
+    (eager, weights), (compiled, compiled_weights) = train_3_steps(None), train_3_steps("eager")
+    assert compiled == eager
+    for name in weights:
+        assert torch.equal(compiled_weights[name], weights[name]), name
