@@ -36,6 +36,7 @@ def tiny(**kw):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train (dropout)", "eval"])
+@pytest.mark.numerics
 def test_one_expert_with_k1_computes_exactly_the_dense_mlp(training):
     config = tiny(dropout=0.1, n_expert=1, expert_top_k=1)
     torch.manual_seed(0)
@@ -55,6 +56,7 @@ def test_one_expert_with_k1_computes_exactly_the_dense_mlp(training):
 
 
 @pytest.mark.parametrize("init", ["torch", "gpt2"])
+@pytest.mark.numerics
 def test_one_expert_model_is_the_dense_model_from_the_same_seed(init):
     # expert 0 draws the dense MLP's initial weights and the router is drawn last, so switching
     # experts on moves no other weight (GPT._init_order); with one expert the logits are the same
@@ -180,6 +182,7 @@ def test_off_by_default():
 # ea253c4; random draws, the same on every machine); the loss and logits in train mode (dropout
 # drawn from seed 3) and in eval mode against plain GPT-2 (tests/reference_gpt.py), bit for bit.
 @pytest.mark.parametrize("init, weights", [("torch", "1175e25c30395bb0"), ("gpt2", "97dfad7f1bab9fdd")])
+@pytest.mark.numerics
 def test_default_model_is_bit_identical_to_plain_gpt2(init, weights):
     torch.manual_seed(0)
     model = GPT(tiny(init=init))
@@ -194,6 +197,7 @@ def test_default_model_is_bit_identical_to_plain_gpt2(init, weights):
         assert torch.equal(logits, ref) and torch.equal(loss, gpt2_loss(ref, idx)), training
 
 
+@pytest.mark.numerics
 def test_default_run_is_bit_identical_to_plain_gpt2(data_dir, tmp_path):
     # a 6-step tiny run with dropout and validation, against a plain loop on plain GPT-2
     out = str(tmp_path / "run")

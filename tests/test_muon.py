@@ -18,6 +18,7 @@ MUON = dict(EXACT, optimizer="muon", muon_lr=0.02)
 TINY = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=50, qkv_bias=True, dropout=0.0)
 
 
+@pytest.mark.numerics
 def test_the_default_adamw_run_is_plain_adamw_on_plain_gpt2(data_dir, tmp_path):
     # warmup, cosine, clipping and dropout against a plain loop (tests/reference_gpt.py)
     train.main(tiny_flags(data_dir, str(tmp_path / "run"), **EXACT))
