@@ -84,8 +84,9 @@ def lr_before(step, tc, plan):
 def plain_run(out, initial):
     """Train `initial` (a state dict) as the run in `out` was configured (its config.json), by a
     plain loop: the same batches and dropout seeds, AdamW on every parameter, the lr formulas,
-    clip_grad_norm_. Returns (weights, AdamW's state, [(step, loss)], [(step, val_loss)]); val losses from the
-    full logits in float64, which the run's sliced head matches up to float rounding only."""
+    clip_grad_norm_. Returns (weights, AdamW's state, [(step, loss)], [(step, val_loss)]); the
+    val losses from the full logits in float64, which the run's sliced head matches up to float
+    rounding only."""
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
     mc, tc, plan = config["model"], config["train"], config["derived"]
@@ -99,7 +100,10 @@ def plain_run(out, initial):
     loader = TrainLoader(shards, plan["tokens_per_step"], tc["batch_size"], mc["block_size"], plan["accum"], 0, 1,
                          tc["data_seed"], mc["vocab_size"])
     windows = eval_windows(find_shards(tc["data_dir"], tc["dataset"], "val"), mc["block_size"], tc["eval_tokens"])
-    logits = lambda x, training: gpt2_logits(params, x, mc["n_head"], mc["vocab_size"], mc["dropout"], training)
+
+    def logits(x, training):
+        return gpt2_logits(params, x, mc["n_head"], mc["vocab_size"], mc["dropout"], training)
+
     losses, val_losses = [], []
     for step in range(plan["max_steps"]):
         optimizer.param_groups[0]["lr"] = lr_before(step, tc, plan)
