@@ -44,6 +44,9 @@ class GPTConfig:
     n_expert: int = field(0, "0: one MLP per block (GPT-2); N: a mixture of N experts, each that MLP, and a "
                           "router per block (gpt_interventions/moe.py)")
     expert_top_k: int = field(1, "experts each token is routed to, 1 to n_expert (with n_expert > 0)")
+    moe_impl: str = field("sparse", "how the experts compute: sparse (each on the tokens routed to it: k MLPs "
+                          "of work per token) or dense (each on every token, zero gates where not routed: "
+                          "n_expert MLPs, static shapes); the same function up to rounding", choices=("sparse", "dense"))
     moe_draws: str = field("apart", "order of the experts' initial draws: apart (the router and experts 1.. "
                            "after every other weight, so n_expert moves no other weight's draw) or story "
                            "(each block's router then its experts in the MLP's place, as the story's code "
