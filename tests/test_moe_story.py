@@ -4,12 +4,16 @@ softmax over each token's top-k router logits) is our renormalised top-k; checke
 independent construction written here from the README's description of his model."""
 
 import math
+import os
 
 import pytest
 import torch
 import torch.nn as nn
 
+import train
+from gpt_interventions.checkpoint import load_checkpoint
 from gpt_interventions.moe import MoE, route
+from helpers import read_metrics, tiny_flags
 from model import GPT, MLP, GPTConfig
 
 SEED = 42  # his code's seed
@@ -131,3 +135,14 @@ def test_his_moe_forward_is_ours_with_his_weights():
             routed = w[:, e] > 0
             expected[routed] += expert(h[routed]) * w[routed, e:e + 1]
     torch.testing.assert_close(y.flatten(0, 1), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_his_expert_run_trains_at_tiny_width(data_dir, tmp_path):
+    # his runs' expert flags (6 experts, 2 active, no balancing loss, his draws), end to end on the CPU
+    out = str(tmp_path / "run")
+    train.main(tiny_flags(data_dir, out, n_expert=6, expert_top_k=2, moe_aux_loss=0.0, moe_draws="story",
+                          dropout=0.0, max_iters=6, eval_interval=0, charts=False))
+    losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    config = load_checkpoint(os.path.join(out, "ckpt.pt"))["model_config"]
+    assert (config["n_expert"], config["expert_top_k"], config["moe_draws"]) == (6, 2, "story")
