@@ -49,6 +49,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench.py config/tiny.toml --steps=10 --warmup=3 --dtype=bfloat16 --compile=True
 	$(BIN)/python bench.py config/tiny.toml --steps=10 --warmup=3 --eval_batch_size=32
 	$(BIN)/python benchmarks/bench_tokenizer.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_moe.py --clock=cpu
 	$(if $(NANOGPT),$(BIN)/python benchmarks/vs_nanogpt.py $(NANOGPT) --repeats=2 --stat=min)
 
 # On a GPU machine: the check of BENCHMARKS.md's GPU figures, into $(OUT)/gpu-check.log.

@@ -55,24 +55,53 @@ def test_one_expert_with_k1_computes_exactly_the_dense_mlp(training):
     assert torch.equal(g_moe, g_dense)
 
 
+def shared_with_dense(state):
+    """The state dict's tensors that the dense model also has, under the dense model's names: everything
+    but the router and experts 1..E-1, expert 0 named as the block's MLP."""
+    return {k.replace(".experts.0.", "."): v for k, v in state.items()
+            if "router" not in k and (".experts." not in k or ".experts.0." in k)}
+
+
+# each other switch alone and all together, each with qkv_bias off and on (issue 21, defect 7: the
+# QKV biases were drawn after the router and experts 1..E-1, so experts moved them)
+OTHERS = [dict(), dict(tie_weights=True), dict(pad_vocab=True), dict(bias=False), dict(mlp="swiglu"),
+          dict(mlp="relu2"), dict(norm="rmsnorm"), dict(qk_norm=True), dict(position="rope"),
+          dict(zero_init_proj=True), dict(logit_softcap=5.0),
+          dict(tie_weights=True, pad_vocab=True, bias=False, mlp="swiglu", norm="rmsnorm", qk_norm=True,
+               position="rope", zero_init_proj=True, logit_softcap=5.0)]
+
+
+@pytest.mark.parametrize("init", ["torch", "gpt2"])
+@pytest.mark.parametrize("qkv_bias", [False, True], ids=["no qkv_bias", "qkv_bias"])
+def test_switching_experts_on_moves_no_other_weights_initial_draw(init, qkv_bias):
+    # expert 0 draws the dense MLP's initial weights and the router and experts 1..E-1 are drawn
+    # after every other weight, the QKV biases included, so switching experts on moves no other
+    # weight (GPT._init_order); and switching qkv_bias moves none of the experts' draws
+    for others in OTHERS:
+        config = dict(init=init, qkv_bias=qkv_bias, **others)
+        torch.manual_seed(0)
+        dense = GPT(tiny(**config)).state_dict()
+        for n_expert, k in ((1, 1), (2, 1), (4, 2), (6, 2), (6, 6)):
+            torch.manual_seed(0)
+            moe = GPT(tiny(**config, n_expert=n_expert, expert_top_k=k)).state_dict()
+            shared = shared_with_dense(moe)
+            assert shared.keys() == dense.keys(), (others, n_expert)
+            for name, v in shared.items():
+                assert torch.equal(v, dense[name]), (others, n_expert, name)
+            torch.manual_seed(0)
+            flipped = GPT(tiny(**{**config, "qkv_bias": not qkv_bias}, n_expert=n_expert, expert_top_k=k)).state_dict()
+            for name, v in flipped.items():
+                if "router" in name or ".experts." in name:
+                    assert torch.equal(v, moe[name]), (others, n_expert, name)
+
+
 @pytest.mark.parametrize("init", ["torch", "gpt2"])
 @pytest.mark.numerics
-def test_one_expert_model_is_the_dense_model_from_the_same_seed(init):
-    # expert 0 draws the dense MLP's initial weights and the router is drawn last, so switching
-    # experts on moves no other weight (GPT._init_order); with one expert the logits are the same
+def test_one_expert_model_computes_the_dense_model_from_the_same_seed(init):
     torch.manual_seed(0)
     dense = GPT(tiny(init=init))
     torch.manual_seed(0)
     moe = GPT(tiny(init=init, n_expert=1))
-    torch.manual_seed(0)
-    four = GPT(tiny(init=init, n_expert=4, expert_top_k=2))
-    d = dense.state_dict()
-    for model in (moe, four):
-        shared = {k: v for k, v in model.state_dict().items() if "router" not in k and ".experts." not in k
-                  or ".experts.0." in k}
-        assert len(shared) == len(d)
-        for k, v in shared.items():
-            assert torch.equal(v, d[k.replace(".experts.0.", ".")]), k
     idx = torch.randint(0, 50, (2, 8))
     torch.manual_seed(3)
     logits, loss = dense(idx, idx)
