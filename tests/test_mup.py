@@ -27,7 +27,7 @@ def reference_gpt2_init(model, seed):
     / sqrt(2 * n_layer), biases 0, norms 1, drawn in the model's init order."""
     torch.manual_seed(seed)
     with torch.no_grad():
-        for m in model._init_order():
+        for m in sum(model._init_order(), []):
             if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
                 std = 0.02 / (math.sqrt(2 * model.config.n_layer) if getattr(m, "RESIDUAL_SCALE", False) else 1)
                 m.weight.normal_(0.0, std)
