@@ -20,8 +20,10 @@ from gpt_interventions.tables import fmt
 from gpt_interventions.training import RUNTIME_FIELDS, TrainConfig
 from model import GPTConfig
 
-IGNORED = RUNTIME_FIELDS | {"charts"}  # change how, not what, a run computes
+IGNORED = RUNTIME_FIELDS | {"charts", "branch_from", "branch_step"}  # change how, not what, a run computes
+# (a branched cooldown computes, bit for bit, the straight run of its length: gpt_interventions/branch.py)
 REPLICATE = {"seed", "data_seed"}       # differ between replicates of one configuration
+LENGTH = {"max_iters", "max_tokens"}    # differ between the budgets of one configuration
 
 
 @dataclass
@@ -36,6 +38,7 @@ class FinishedRun:
     world_size: int
     accuracy: float | None = None        # HellaSwag acc_norm from eval.json, if scored
     accuracy_examples: int | None = None
+    budget: int | None = None            # training tokens: the run's steps x tokens per step
 
     def last(self, key):
         return next((r[key] for r in reversed(self.rows) if r.get(key) is not None), None)
@@ -69,7 +72,8 @@ def load_run(run_dir):
         row = results.get(f"{config['dataset']}/test")  # eval.py's key: dataset/split
         if row:
             test, tokens = row["loss"], row["tokens"]
-    run = FinishedRun(name, run_dir, config, rows, test, "test", tokens, meta.get("env", {}).get("world_size", 1))
+    run = FinishedRun(name, run_dir, config, rows, test, "test", tokens, meta.get("env", {}).get("world_size", 1),
+                      budget=budget_of(meta, config, rows))
     task = results.get(RESULT_KEY)  # eval.py --task=hellaswag
     if task:
         run.accuracy, run.accuracy_examples = task["acc_norm"], task["examples"]
@@ -78,6 +82,17 @@ def load_run(run_dir):
     if run.loss is not None and not math.isfinite(run.loss):  # a diverged run: no loss to compare
         run.loss, run.source = None, "nonfinite"
     return run
+
+
+def budget_of(meta, config, rows):
+    """A run's training tokens: from its plan in config.json, else max_tokens (rounded up to whole
+    steps by train.py), else the tokens of its last metrics row."""
+    derived = meta.get("derived") or {}
+    if derived.get("max_steps") and derived.get("tokens_per_step"):
+        return derived["max_steps"] * derived["tokens_per_step"]
+    if not config.get("max_iters"):
+        return config.get("max_tokens")
+    return next((r["tokens"] for r in reversed(rows) if "tokens" in r), None)
 
 
 def load_runs(patterns):
@@ -92,14 +107,29 @@ def load_runs(patterns):
     return [load_run(d) for d in dirs]
 
 
-def diff(config, base):
+def diff(config, base, ignore=frozenset()):
     """`k=v, ...` of the fields that change what a run computes (not seeds), in field order."""
-    keys = [k for k in {**base, **config} if k not in IGNORED | REPLICATE]
+    keys = [k for k in {**base, **config} if k not in IGNORED | REPLICATE | ignore]
     return ", ".join(f"{k}={fmt(config.get(k))}" for k in keys if config.get(k) != base.get(k))
 
 
-def group_key(config):
-    return tuple(sorted((k, v) for k, v in config.items() if k not in IGNORED | REPLICATE))
+def group_key(config, ignore=frozenset()):
+    return tuple(sorted((k, v) for k, v in config.items() if k not in IGNORED | REPLICATE | ignore))
+
+
+def by_budget(runs, baseline):
+    """[(budget, its runs, the run of the baseline's configuration at that budget or None)] in
+    order of budget; runs that all have one budget are one part of budget None, as before budgets."""
+    budgets = sorted({r.budget for r in runs}, key=lambda b: (b is None, b or 0))
+    if len(budgets) == 1:
+        return [(None, runs, baseline)]
+    parts = []
+    for b in budgets:
+        these = [r for r in runs if r.budget == b]
+        base = baseline if baseline in these else next(
+            (r for r in these if group_key(r.config, LENGTH) == group_key(baseline.config, LENGTH)), None)
+        parts.append((b, these, base))
+    return parts
 
 
 def find(runs, spec, flag):
@@ -120,11 +150,14 @@ class Group:
 
 
 def group_runs(runs, baseline):
-    """Replicate groups, the baseline's first, then in the order their runs were given."""
+    """Replicate groups, the baseline's first, then in the order their runs were given. Runs of one
+    known token budget are one configuration however their length was given (max_iters or max_tokens)."""
+    budgets = {r.budget for r in runs}
+    ignore = LENGTH if len(budgets) == 1 and None not in budgets else frozenset()
     groups = {}
-    for r in sorted(runs, key=lambda r: group_key(r.config) != group_key(baseline.config)):
-        label = diff(r.config, baseline.config) or "baseline"
-        groups.setdefault(group_key(r.config), Group(label, [])).runs.append(r)
+    for r in sorted(runs, key=lambda r: group_key(r.config, ignore) != group_key(baseline.config, ignore)):
+        label = diff(r.config, baseline.config, ignore) or "baseline"
+        groups.setdefault(group_key(r.config, ignore), Group(label, [])).runs.append(r)
     return list(groups.values())
 
 
@@ -168,7 +201,8 @@ def import_results(path):
             raise UsageError(f"{where}: {e}") from None
         config = {**dataclasses.asdict(mc), **dataclasses.asdict(tc), "run_name": str(name)}
         config.update({k: _number(v) for k, v in row.items() if k not in ours and v not in (None, "")})
-        runs.append(FinishedRun(str(name), f"{path}#{name}", config, [], loss, "test", None, 1))
+        runs.append(FinishedRun(str(name), f"{path}#{name}", config, [], loss, "test", None, 1,
+                                budget=budget_of({}, config, [])))
     if not runs:
         raise UsageError(f"{path} holds no runs (rows with a run and a test_loss)")
     return runs, refs
