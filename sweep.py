@@ -19,7 +19,7 @@ import shlex
 import sys
 from dataclasses import asdict, dataclass, replace
 
-from gpt_interventions import ROOT, design, stats
+from gpt_interventions import ROOT, budgets, design, slurm, stats
 from gpt_interventions.cli import field, load_preset, parse_config
 from gpt_interventions.errors import UsageError, run_main
 from gpt_interventions.results import IGNORED, REPLICATE, group_runs, load_runs
@@ -53,6 +53,10 @@ class SweepConfig:
                                   "hold no replicates")
     noise_n: int = field(0, "analyze: how many runs noise_std was measured on; 0: a known std (z)")
     noise_from: str = field("", "finished runs (directories or a glob) whose replicates' pooled std is the noise")
+    budgets: str = field("", "plan: token budgets as fractions of the preset's length, e.g. 0.25,0.5,1: one WSD run "
+                             "per configuration and seed, and a cooldown branched from it for each shorter budget")
+    launcher: str = field("sh", "plan: sh: run.sh runs every run in turn; slurm: also an sbatch array script, one "
+                                "task a run", choices=("sh", "slurm"))
 
 
 @dataclass
@@ -128,8 +132,72 @@ def toml_value(v):
     return repr(v) if isinstance(v, (int, float)) else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+@dataclass
+class Job:
+    """One planned run: its preset, its directory, and for a branched cooldown its parent's kept
+    checkpoint, which it waits for."""
+    name: str
+    preset: str
+    run_dir: str
+    tc: TrainConfig
+    waits_for: str = ""
+
+
+def write_preset(path, comment, values, keys):
+    with open(path, "w") as fh:
+        fh.write(f"# {comment}\n")
+        fh.write("".join(f"{k} = {toml_value(values[k])}\n" for k in dict.fromkeys(keys)))
+
+
+def train_and_eval(job, launch, sc):
+    """The shell commands that train and evaluate one planned run."""
+    q = shlex.quote
+    evals = f" --eval_tokens={sc.test_tokens}" if sc.test_tokens else ""
+    return (f"{launch}{q(os.path.join(ROOT, 'train.py'))} {q(job.preset)}; {launch}{q(os.path.join(ROOT, 'eval.py'))} "
+            f"{q(job.run_dir)} --dataset={q(job.tc.dataset)} --data_dir={q(job.tc.data_dir)}{evals}")
+
+
+def plan_jobs(factors, rows, sc, base, base_args, prefix):
+    """Write every run's preset; the Jobs in the order they can run (a long run before its branches)
+    and the budgets of the plan (None without --budgets)."""
+    fractions = budgets.parse_budgets(sc.budgets) if sc.budgets else None
+    jobs, plan_budgets = [], None
+    for i, row in enumerate(rows):
+        flags = [f"--{k}={v[lvl]}" for f, lvl in zip(factors, row) for k, v in f.levels.items()]
+        mc, tc = resolve(base_args + flags)
+        extra = []
+        if fractions:  # the same schedule and warmup in steps in every run, kept steps to branch from
+            tc = budgets.wsd_config(mc, tc, max(sc.torchrun, 1))
+            plan_budgets = budgets.plan_budgets(fractions, mc, tc, max(sc.torchrun, 1))
+            tc = replace(tc, keep_steps=",".join(str(b.branch_step) for b in plan_budgets[:-1]))
+            extra = ["lr_schedule", "warmup_iters", "keep_steps"]
+        describe = ", ".join(f.describe(l) for f, l in zip(factors, row))
+        for s in range(sc.seeds):
+            name = f"{prefix}-{i:02d}-{run_label(factors, row)}" + (f"-s{tc.seed + s}" if sc.seeds > 1 else "")
+            values = {**asdict(mc), **asdict(tc), "seed": tc.seed + s, "run_name": name}
+            keys = [k for k in base if k not in ("run_name", "out_dir")] + [k for f in factors for k in f.levels]
+            keys += extra + ["seed"] * (sc.seeds > 1) + ["run_name"]
+            path = os.path.join(sc.out, f"{name}.toml")
+            write_preset(path, f"{sc.design} sweep {prefix}, run {i}: {describe}", values, keys)
+            run_dir = os.path.join("out", name)  # train.py's default: the preset sets no out_dir
+            jobs.append(Job(name, path, run_dir, tc))
+            for b in (plan_budgets or [])[:-1]:
+                branch = f"{name}-b{fmt(b.fraction)}"
+                path = os.path.join(sc.out, f"{branch}.toml")
+                write_preset(path, f"{sc.design} sweep {prefix}, run {i}: {describe}; {b.fraction:g} of the budget, "
+                             f"a cooldown branched from {name} at step {b.branch_step}",
+                             {**values, "run_name": branch, "max_iters": b.steps, "keep_steps": "",
+                              "branch_from": run_dir, "branch_step": b.branch_step},
+                             keys + ["max_iters", "branch_from", "branch_step"])
+                jobs.append(Job(branch, path, os.path.join("out", branch), tc,
+                                os.path.join(run_dir, f"ckpt_{b.branch_step:07d}.pt")))
+    return jobs, plan_budgets
+
+
 def plan(factors, sc, argv, explicit):
     rows, gens = plan_rows(factors, sc)
+    if sc.budgets and sc.design != "one-at-a-time":
+        raise UsageError("--budgets plans one-at-a-time designs (compare.py judges each budget); drop --design")
     power_lines = []
     if sc.effect:
         seeds, power_lines = power_plan(factors, rows, sc, explicit)
@@ -138,57 +206,53 @@ def plan(factors, sc, argv, explicit):
     base_args = [sc.preset] if sc.preset else []
     prefix = os.path.basename(os.path.normpath(sc.out))
     os.makedirs(sc.out, exist_ok=True)
+    jobs, plan_budgets = plan_jobs(factors, rows, sc, base, base_args, prefix)
     # POSIX sh (Debian's and Ubuntu's sh is dash), the Python that planned it (the project's venv),
     # the scripts by absolute path, and the directory it was planned in for every relative path
     q = shlex.quote
     python = q(sys.executable)
     launch = (f"{python} -m torch.distributed.run --standalone --nproc_per_node={sc.torchrun} " if sc.torchrun
               else f"{python} ")
-    script = ["#!/bin/sh", f"# {len(rows) * sc.seeds} runs, written by: python sweep.py " + " ".join(map(q, argv)),
+    script = ["#!/bin/sh", f"# {len(jobs)} runs, written by: python sweep.py " + " ".join(map(q, argv)),
               "# Run it with sh from anywhere: it works in the directory it was planned in, with the Python",
               "# that planned it. A run with a test result already is skipped, so the script can be run",
               "# again after a failure.", "set -eu", f"cd {q(os.getcwd())}"]
-    names = []
-    for i, row in enumerate(rows):
-        flags = [f"--{k}={v[lvl]}" for f, lvl in zip(factors, row) for k, v in f.levels.items()]
-        mc, tc = resolve(base_args + flags)
-        for s in range(sc.seeds):
-            name = f"{prefix}-{i:02d}-{run_label(factors, row)}" + (f"-s{tc.seed + s}" if sc.seeds > 1 else "")
-            values = {**asdict(mc), **asdict(tc), "seed": tc.seed + s, "run_name": name}
-            keys = [k for k in base if k not in ("run_name", "out_dir")] + [k for f in factors for k in f.levels]
-            keys += ["seed"] * (sc.seeds > 1) + ["run_name"]
-            path = os.path.join(sc.out, f"{name}.toml")
-            with open(path, "w") as fh:
-                fh.write(f"# {sc.design} sweep {prefix}, run {i}: {', '.join(f.describe(l) for f, l in zip(factors, row))}\n")
-                fh.write("".join(f"{k} = {toml_value(values[k])}\n" for k in dict.fromkeys(keys)))
-            run_dir = os.path.join("out", name)  # train.py's default: the preset sets no out_dir
-            evals = f" --eval_tokens={sc.test_tokens}" if sc.test_tokens else ""
-            # an if-body, not an && list: under set -e a failed run stops the script there
-            script.append(f"if [ ! -f {q(run_dir + '/eval.json')} ]; then {launch}{q(os.path.join(ROOT, 'train.py'))} "
-                          f"{q(path)}; {launch}{q(os.path.join(ROOT, 'eval.py'))} {q(run_dir)} "
-                          f"--dataset={q(tc.dataset)} --data_dir={q(tc.data_dir)}{evals}; fi")
-            names.append(name)
+    for job in jobs:  # an if-body, not an && list: under set -e a failed run stops the script there
+        script.append(f"if [ ! -f {q(job.run_dir + '/eval.json')} ]; then {train_and_eval(job, launch, sc)}; fi")
+    names = [job.name for job in jobs]
     out_root = os.path.join("out", prefix)
     factor_args = " ".join(f"--factor {shlex.quote(' '.join(f'{k}={chr(44).join(map(str, v))}' for k, v in f.levels.items()))}"
                            for f in factors)
     if any(rows[0]):  # the principal fraction of an odd k leaves the all-first-levels run out
         script.append("# the baseline configuration is not in this fraction: compare.py takes the first run as its baseline")
-    script.append(f"{python} {q(os.path.join(ROOT, 'compare.py'))} {q(out_root + '-*')} --baseline={q(names[0])} "
-                  f"--charts={q(sc.out + '/charts')} --correction={sc.correction}")
+    compare_line = (f"{python} {q(os.path.join(ROOT, 'compare.py'))} {q(out_root + '-*')} --baseline={q(names[0])} "
+                    f"--charts={q(sc.out + '/charts')} --correction={sc.correction}")
+    script.append(compare_line)
     if sc.design != "one-at-a-time":
         script.append(f"{python} {q(os.path.join(ROOT, 'sweep.py'))} analyze {q(out_root + '-*')} {factor_args} "
                       f"--correction={sc.correction}")
     with open(os.path.join(sc.out, "run.sh"), "w") as fh:
         fh.write("\n".join(script) + "\n")
     os.chmod(os.path.join(sc.out, "run.sh"), 0o755)
-    print(f"{sc.design} design, {len(rows)} configurations x {sc.seeds} seed(s) = {len(names)} runs")
+    configurations = len(rows) * sc.seeds
+    print(f"{sc.design} design, {len(rows)} configurations x {sc.seeds} seed(s) = {configurations} runs"
+          + (f", each with {len(plan_budgets) - 1} branched cooldown(s): {len(jobs)} runs in all" if plan_budgets else ""))
     for j, f in enumerate(factors):
         print(f"  {design.LETTERS[j]}: {f.describe(0)}  ->  {f.describe(1) if len(f.levels[f.name]) == 2 else '...'}")
     if gens is not None:
         print(alias_report([[2 * l - 1 for l in r] for r in rows], len(factors), gens))
-    for line in power_lines + cost_lines(len(names), sc):
+    lengths = configurations
+    if plan_budgets:
+        line, per_run = budgets.cost_line(plan_budgets, jobs[0].tc)
+        power_lines.append(line)
+        lengths = configurations * per_run
+    for line in power_lines + cost_lines(lengths, sc):
         print(line)
     print(f"wrote {len(names)} presets and {os.path.join(sc.out, 'run.sh')}; run it with: sh {sc.out}/run.sh")
+    if sc.launcher == "slurm":
+        path = slurm.write_array(sc.out, jobs, [train_and_eval(job, "$LAUNCH ", sc) for job in jobs],
+                                 python, sc.torchrun, argv)
+        print(f"wrote {path}; submit it with: sbatch {path}; when its tasks are done: {compare_line}")
     return names
 
 
@@ -225,9 +289,11 @@ def power_plan(factors, rows, sc, explicit):
     Two-level designs: each effect from all runs, its standard error from the design.
     Planned at Bonferroni's alpha / m, which Holm's correction never needs more power than."""
     sigma, where = planning_noise(sc)
-    if sc.design == "one-at-a-time":
-        m = len(rows) - 1
-        what = f"{m} arm(s) against the baseline, paired by seed"
+    if sc.design == "one-at-a-time":  # with --budgets, each arm at each budget: one family (compare.py)
+        per = len(budgets.parse_budgets(sc.budgets)) if sc.budgets else 1
+        m = (len(rows) - 1) * per
+        what = f"{len(rows) - 1} arm(s) against the baseline, paired by seed" + (
+            f", at {per} budgets each ({m} comparisons)" if per > 1 else "")
     else:
         m = len(design.fit([[2 * level - 1 for level in r] for r in rows], [0.0] * len(rows)).effects)
         what = f"{m} effects of {len(rows)} configurations"
@@ -256,12 +322,15 @@ def power_plan(factors, rows, sc, explicit):
 
 
 def cost_lines(runs, sc):
+    """GPU-hours and price of `runs` runs of the preset's length (with --budgets, a fraction: the
+    runs' tokens over one run's)."""
     if not sc.hours_per_run:
         return []
     gpus = max(sc.torchrun, 1)
     hours = runs * sc.hours_per_run * gpus
     cost = f" = ${hours * sc.usd_per_hour:,.0f} at ${sc.usd_per_hour:g}/GPU-hour" if sc.usd_per_hour else ""
-    return [f"cost: {runs} runs x {sc.hours_per_run:g} h x {gpus} GPU(s) = {hours:,.1f} GPU-hours{cost}"]
+    what = f"{runs} runs" if isinstance(runs, int) else f"{runs:.2f} runs' tokens"
+    return [f"cost: {what} x {sc.hours_per_run:g} h x {gpus} GPU(s) = {hours:,.1f} GPU-hours{cost}"]
 
 
 def alias_report(X, k, gens=()):
