@@ -201,7 +201,7 @@ def train(mc, tc, ckpt, d, stop):
                  bad_step=torch.full((), -1, dtype=torch.long, device=d.device), peak=peak_flops(d.device, tc.dtype),
                  routing_x=routing_batch(windows, mc, tc.eval_batch_size or tc.batch_size, d.device),
                  kept=frozenset(kept_steps(tc)), branch=ckpt.get("branch") if ckpt else None)
-    record_start(t, start, resumed=ckpt is not None)
+    record_start(t, start, resumed=ckpt is not None and not ckpt.get("branching"))
 
     fwd_model, ddp_model = wrap_model(model, tc, d)
     ctx = autocast(d.device_type, tc.dtype)

@@ -34,7 +34,7 @@ def snapshot_path(out_dir, step):
 def kept_in(out_dir):
     """The steps of the snapshots in a run directory, in order."""
     names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
-    return sorted(int(n[5:-3]) for n in names if n.startswith("ckpt_") and n.endswith(".pt") and n[5:-3].isdigit())
+    return sorted(int(n[5:-3]) for n in names if n.startswith("ckpt_") and n.endswith(".pt") and n[5:-3].isdecimal())
 
 
 def steps_of(mc, tc, tokens_per_step):

@@ -42,7 +42,7 @@ class TrainConfig:
     warmup_iters: int = field(0, "linear warmup steps; 0: use warmup_frac")
     warmup_frac: float = field(0.0, "linear warmup as a fraction of the run's steps (rounded; story: floored)")
     cooldown_frac: float = field(0.2, "wsd: the fraction of the run's steps its cooldown takes (rounded)")
-    cooldown_shape: str = field("linear", "wsd: the cooldown's shape, linear or 1-sqrt (Hägele et al. 2024)",
+    cooldown_shape: str = field("linear", "wsd: the cooldown's shape (1-sqrt: Hägele et al., arXiv 2405.18392)",
                                 choices=("linear", "1-sqrt"))
     min_lr: float = field(4e-5, "the cosine and wsd schedules' floor (eta_min) of learning_rate; muon_lr's is the same "
                           "fraction of muon_lr")
@@ -182,7 +182,7 @@ def make_plan(mc, tc, world_size):
 def kept_steps(tc):
     """The steps of --keep_steps as a set of ints; UsageError for anything else."""
     parts = [p.strip() for p in tc.keep_steps.split(",") if p.strip()]
-    if not all(p.isdigit() for p in parts) or len(parts) > MAX_KEPT_STEPS:
+    if not all(p.isdecimal() for p in parts) or len(parts) > MAX_KEPT_STEPS:
         raise UsageError(f"--keep_steps expects up to {MAX_KEPT_STEPS} comma-separated step numbers "
                          f"(e.g. 1000,2000), got {tc.keep_steps!r}")
     return {int(p) for p in parts}
