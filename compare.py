@@ -139,7 +139,7 @@ def run_table(runs, baseline, means, cc, refs=()):
         train, tokens, wall = r.last("loss"), r.last("tokens") or 0, r.wall_s
         row = [r.name, diff(r.config, baseline.config) or "baseline", seed, loss, delta,
                *([accuracy_text(r.accuracy)] if scored else []), f"{train:.4f}" if train is not None else "n/a",
-               f"{tokens:,}", hms(wall), f"{tokens / wall:,.0f}" if wall else "n/a"]
+               f"{tokens:,}", hms(wall), f"{r.own_tokens / wall:,.0f}" if wall else "n/a"]
         row += [f"{wall / 3600 * r.world_size * cc.usd_per_hour:.2f}"] if cc.usd_per_hour else []
         rows.append(row)
     for ref in refs:

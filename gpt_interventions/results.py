@@ -55,13 +55,21 @@ class FinishedRun:
 
     @property
     def wall_s(self):
-        """Training time: each logged row's dt_ms covers the steps since the row before it."""
-        total, prev = 0.0, 0
+        """Training time: each logged row's dt_ms covers the steps since the row before it. A
+        branched cooldown's own: the parent's rows up to the branch point are its parent's time."""
+        total, prev = 0.0, self.config.get("branch_step") or 0
         for r in self.rows:
-            if "dt_ms" in r:
+            if "dt_ms" in r and r["step"] > prev:
                 total += r["dt_ms"] / 1000 * (r["step"] - prev)
                 prev = r["step"]
         return total
+
+    @property
+    def own_tokens(self):
+        """Tokens the run trained itself (a branched cooldown: those after its branch point)."""
+        at = self.config.get("branch_step") or 0
+        start = next((r["tokens"] for r in self.rows if r.get("step") == at and "tokens" in r), 0) if at else 0
+        return (self.last("tokens") or 0) - start
 
 
 def load_run(run_dir, split="test"):

@@ -428,3 +428,12 @@ def test_a_diverged_baseline_is_refused_and_no_other_row_is_the_baseline(tmp_pat
     runs = load_runs([str(tmp_path / "base"), str(tmp_path / "gc-*")])
     with pytest.raises(ValueError, match="baseline group has no values"):  # judge itself never labels another
         judge(group_runs(runs, runs[0]))
+
+
+def test_a_branched_cooldowns_wall_time_and_speed_are_its_own():
+    from gpt_interventions.results import FinishedRun
+    rows = [{"step": 10, "tokens": 100, "dt_ms": 1000.0}, {"step": 20, "tokens": 200, "dt_ms": 2000.0}]
+    branch = FinishedRun("b", "", {"branch_step": 10}, rows, 3.0, "test", None, 1)
+    straight = FinishedRun("s", "", {"branch_step": 0}, rows, 3.0, "test", None, 1)
+    assert (branch.wall_s, branch.own_tokens) == (20.0, 100)  # the parent's first 10 steps are not its own
+    assert (straight.wall_s, straight.own_tokens) == (30.0, 200)
