@@ -1,7 +1,7 @@
 """Compare runs: test losses, deltas from a baseline, the run-to-run noise, and verdicts.
 
-    python compare.py out/base-* out/gc-* [--baseline=RUN] [--markdown] [--json] [--usd_per_hour=2.5]
-                      [--charts=DIR] [--noise_from=RUN | --noise_std=0.0017] [--correction=holm]
+    python compare.py out/base-* out/gc-* [--baseline=RUN] [--split=test|val] [--markdown] [--json]
+                      [--usd_per_hour=2.5] [--charts=DIR] [--noise_from=RUN | --noise_std=0.0017] [--correction=holm]
                       [--reference=gpt2 [--ledger=results.jsonl]] [--results=FILE]
 
 A run's interventions are its config's differences from the baseline's. Runs whose configs differ
@@ -16,6 +16,10 @@ Runs of several token budgets (a WSD run and its branched cooldowns, say) are ju
 budget, each against the baseline's configuration at that budget, with one correction over the
 whole table. Runs scored with `eval.py RUN --task=hellaswag` get a HellaSwag acc_norm column and a second
 verdict table for it, judged the same way from the runs' spread (higher is better).
+A run's test loss is eval.py's float32 score of its final checkpoint (gpt_interventions/
+eval_results.py); a run without one is left out of the verdicts, listed, and never judged on its
+validation loss beside test losses (--split=val judges every run on validation). A baseline
+without a loss is refused.
 """
 
 import dataclasses
@@ -25,7 +29,8 @@ from dataclasses import dataclass
 
 from gpt_interventions.cli import field, parse_config
 from gpt_interventions.errors import UsageError, run_main
-from gpt_interventions.results import by_budget, diff, find, group_runs, import_results, load_runs
+from gpt_interventions.results import (SPLIT_HELP, SPLITS, by_budget, diff, find, group_runs, import_results,
+                                       judged_lines, load_runs)
 from gpt_interventions.stats import CORRECTIONS, TESTS, format_p, summary
 from gpt_interventions.tables import table
 from gpt_interventions.verdicts import judge_budgets, noise_sources
@@ -36,6 +41,7 @@ USAGE = "RUN_DIR_OR_GLOB... [--key=value ...]   (or --results=FILE)"
 @dataclass
 class CompareConfig:
     baseline: str = field("", "baseline run (its name or directory); default: the first run given")
+    split: str = field("test", SPLIT_HELP, choices=SPLITS)
     markdown: bool = field(False, "print Markdown tables, ready to paste into interventions.md")
     json: bool = field(False, "print one JSON object (runs, groups with their tests, noise) instead of tables")
     usd_per_hour: float = field(0.0, "price of one GPU-hour: adds a cost column; 0: no cost column")
@@ -54,6 +60,9 @@ class CompareConfig:
                                "as eval.py was given them (e.g. gpt2): each one's latest matching test row "
                                "in --ledger")
     ledger: str = field("results.jsonl", "eval.py's results ledger, read for --reference")
+
+
+ACCURACY = "hellaswag/val"  # what the accuracy verdicts judge
 
 
 @dataclass
@@ -118,19 +127,19 @@ def accuracy_text(acc):
 
 def run_table(runs, baseline, means, cc, refs=()):
     scored = any(r.accuracy is not None for r in runs)  # the HellaSwag column only when a run has it
-    headers = ["run", "interventions", "seed", "test loss", "delta", *(["hellaswag"] if scored else []),
+    headers = ["run", "interventions", "seed", f"{cc.split} loss", "delta", *(["hellaswag"] if scored else []),
                "train loss", "tokens", "wall", "tok/s"]
     headers += ["cost (USD)"] if cc.usd_per_hour else []
     rows = []
     for r in runs:
         seed = f"{r.config.get('seed')}" + (f"/d{r.config['data_seed']}" if r.config.get("data_seed") else "")
-        loss = "n/a" if r.loss is None else f"{r.loss:.6f}" + ("" if r.source == "test" else " (val)")
+        loss = "n/a" if r.loss is None else f"{r.loss:.6f}"
         base_mean = means.get(id(r))  # its budget's baseline group's
         delta = "" if r.loss is None or base_mean is None else f"{r.loss - base_mean:+.6f}"
         train, tokens, wall = r.last("loss"), r.last("tokens") or 0, r.wall_s
         row = [r.name, diff(r.config, baseline.config) or "baseline", seed, loss, delta,
                *([accuracy_text(r.accuracy)] if scored else []), f"{train:.4f}" if train is not None else "n/a",
-               f"{tokens:,}", hms(wall), f"{tokens / wall:,.0f}" if wall else "n/a"]
+               f"{tokens:,}", hms(wall), f"{r.own_tokens / wall:,.0f}" if wall else "n/a"]
         row += [f"{wall / 3600 * r.world_size * cc.usd_per_hour:.2f}"] if cc.usd_per_hour else []
         rows.append(row)
     for ref in refs:
@@ -149,15 +158,17 @@ def verdict_text(c):
     return f"{c.verdict} ({c.correction})"
 
 
-def group_table(rows, cc):
-    budgets = any(r.budget is not None for r in rows)  # a budget column when the table holds several
-    headers = [*(["budget (tokens)"] if budgets else []), "group", "interventions", "n", "mean", "std", "delta",
-               "95% interval", "p", "p adj.", "verdict", "test"]
+def group_table(rows, cc, split):
+    """The verdicts; `split`: what every row's values are (test or val loss, hellaswag/val). A
+    budget column when the table holds several budgets."""
+    budgets = any(r.budget is not None for r in rows)
+    headers = [*(["budget (train tokens)"] if budgets else []), "group", "interventions", "split", "n", "mean", "std",
+               "delta", "95% interval", "p", "p adj.", "verdict", "test"]
     out = []
     for r in rows:
         std = f"{r.std:.6f}" if r.std is not None else "n/a"
         head = [*([f"{r.budget:,}"] if budgets else []), r.group.runs[0].name + (f" +{r.n - 1}" if r.n > 1 else ""),
-                r.group.label, str(r.n), f"{r.mean:.6f}", std]
+                r.group.label, split, str(r.n), f"{r.mean:.6f}", std]
         c = r.comparison
         if c is None:
             out.append(head + ["", "", "", "", "baseline", ""])
@@ -189,12 +200,13 @@ def noise_lines(sources, noises, rows, cc):
     return lines
 
 
-def json_rows(rows, cc):
+def json_rows(rows, cc, split):
     """The verdict table's rows as plain data."""
     out_rows = []
     for r in rows:
         c = r.comparison
-        row = {"group": r.group.label, "run": r.group.runs[0].name, "runs": [x.name for x in r.group.runs],
+        row = {"group": r.group.label, "run": r.group.runs[0].name, "split": split,
+               "runs": [x.name for x in r.group.runs if x.loss is not None],
                "n": r.n, "mean": r.mean, "std": r.std, "delta": 0.0 if c is None else c.delta,
                "ci_low": None, "ci_high": None, "p": None, "p_adjusted": None, "test": "",
                "verdict": "baseline", "correction": cc.correction, "detectable": r.detectable,
@@ -209,22 +221,22 @@ def json_rows(rows, cc):
     return out_rows
 
 
-def report(runs, t, refs, base_mean, cc, accuracy=None):
+def report(runs, baseline, t, refs, base_mean, cc, accuracy=None):
     """The --json object of the loss verdicts `t`; accuracy: the HellaSwag verdicts when runs have them."""
     rows = t.rows
     group_of = {id(run): r.group.label for r in rows for run in r.group.runs}
-    out = {"baseline": rows[0].group.runs[0].name if rows else None, "correction": cc.correction,
-            "rows": json_rows(rows, cc),
+    out = {"baseline": baseline.name, "split": cc.split, "correction": cc.correction,
+            "rows": json_rows(rows, cc, cc.split),
             "runs": [{"run": x.name, "dir": x.dir, "group": group_of.get(id(x)), "seed": x.config.get("seed"),
                       "data_seed": x.config.get("data_seed"), "loss": x.loss, "source": x.source,
-                      "budget": x.budget} for x in runs],
-            "references": [{"name": f.name, "loss": f.loss, "delta": None if base_mean is None else f.loss - base_mean}
+                      "scored": x.scored or None, "left_out": x.missing or None, "budget": x.budget} for x in runs],
+            "references": [{"name": f.name, "loss": f.loss, "delta": f.loss - base_mean}
                            for f in refs],
             **noise_json(t)}
     if accuracy is not None:
         out["runs"] = [{**r, "hellaswag": x.accuracy} for r, x in zip(out["runs"], runs)]
         out["references"] = [{**r, "hellaswag": f.accuracy} for r, f in zip(out["references"], refs)]
-        out["hellaswag"] = {"metric": "acc_norm", "rows": json_rows(accuracy.rows, cc), **noise_json(accuracy)}
+        out["hellaswag"] = {"metric": "acc_norm", "rows": json_rows(accuracy.rows, cc, ACCURACY), **noise_json(accuracy)}
     return out
 
 
@@ -237,11 +249,8 @@ def noise_json(t):
     return out
 
 
-def notes(runs):
-    out = []
-    if any(r.source == "val" for r in runs):
-        out.append("(val): no test evaluation in the run's eval.json; the last validation loss stands in "
-                   "(run `python eval.py RUN_DIR --dataset=...` for the test loss)")
+def notes(runs, split):
+    out = judged_lines(runs, split)
     budgets = {(r.config["dataset"], r.test_tokens) for r in runs if r.source == "test" and r.test_tokens}
     if len(budgets) > 1:
         out.append("warning: test losses come from different datasets or token budgets: "
@@ -250,10 +259,6 @@ def notes(runs):
     if len(counts) > 1:
         out.append("warning: HellaSwag accuracies come from different numbers of examples: "
                    + ", ".join(map(str, sorted(counts))))
-    if any(r.loss is None and r.source != "nonfinite" for r in runs):
-        out.append("n/a: a run with neither a test nor a validation loss")
-    if any(r.source == "nonfinite" for r in runs):
-        out.append("n/a: a run whose loss is not finite (it diverged) is left out of the verdicts")
     return out
 
 
@@ -299,7 +304,8 @@ def judge_runs(runs, baseline, cc, loss=True):
             unjudged.append(budget)
             continue
         gs = group_runs(these, base)
-        if not loss and not gs[0].losses:
+        if not gs[0].losses:  # its baseline has no value (not yet evaluated, diverged): nothing to judge against
+            unjudged.append(budget)
             continue
         here = cc if source is None or source in these else dataclasses.replace(cc, noise_from="")  # its budget's
         noise = pick_noise(here, these, gs, loss)
@@ -316,28 +322,37 @@ def main(argv):
     (cc,), patterns, _ = parse_config(argv, [CompareConfig], "compare.py", USAGE, max_positionals=10 ** 6)
     if not patterns and not cc.results:
         raise UsageError(f"which runs? usage: compare.py {USAGE}")
-    runs = load_runs(patterns) if patterns else []
+    if (cc.results or cc.reference) and cc.split != "test":
+        raise UsageError(f"--results and --reference give test losses and --split={cc.split} judges another "
+                         "split: give one or the other")
+    runs = load_runs(patterns, cc.split) if patterns else []
     imported_refs = []
     if cc.results:
         imported, imported_refs = import_results(cc.results)
         runs += imported
     baseline = find(runs, cc.baseline, "baseline") if cc.baseline else runs[0]
+    if not group_runs(runs, baseline)[0].losses:  # nothing could be judged: refuse rather than print a table of "baseline"
+        others = [r.name for r in runs if r.loss is not None]
+        instead = (f"name another with --baseline=RUN (runs with one: {', '.join(others)})" if others else
+                   "no run has one" + (" (judge validation losses: --split=val)" if cc.split == "test" else ""))
+        raise UsageError(f"baseline {baseline.name} has no {cc.split} loss to judge against ({baseline.missing}); "
+                         f"{instead}")
     t = judge_runs(runs, baseline, cc)
     refs = load_references([s.strip() for s in cc.reference.split(",") if s.strip()], cc.ledger, runs)
     refs += [Reference(name, loss, None) for name, loss in imported_refs]
     accuracy = judge_accuracy(runs, baseline, cc)
     if cc.json:
-        print(json.dumps(report(runs, t, refs, t.means.get(id(baseline)), cc, accuracy), indent=2))
+        print(json.dumps(report(runs, baseline, t, refs, t.means.get(id(baseline)), cc, accuracy), indent=2))
     else:
         print(run_table(runs, baseline, t.means, cc, refs))
         print()
-        print(group_table(t.rows, cc))
-        for line in noise_lines(t.sources, t.noises, t.rows, cc) + notes(runs) + unjudged_lines(t, baseline):
+        print(group_table(t.rows, cc, cc.split))
+        for line in noise_lines(t.sources, t.noises, t.rows, cc) + notes(runs, cc.split) + unjudged_lines(t, baseline):
             print(line)
         if accuracy is not None:
             print()
             print("HellaSwag acc_norm (higher is better):")
-            print(group_table(accuracy.rows, cc) if accuracy.rows else "no verdicts: the baseline has no HellaSwag "
+            print(group_table(accuracy.rows, cc, ACCURACY) if accuracy.rows else "no verdicts: the baseline has no HellaSwag "
                   f"accuracy (python eval.py {baseline.dir} --task=hellaswag)")
             for line in noise_lines(accuracy.sources, accuracy.noises, accuracy.rows, cc):
                 print(f"hellaswag {line}")
@@ -351,8 +366,8 @@ def main(argv):
 
 
 def unjudged_lines(t, baseline):
-    return [f"not judged at {b:,} tokens: no run there has the baseline's configuration ({baseline.name}'s at "
-            "that budget); train it, e.g. as a branched cooldown" for b in t.unjudged]
+    return [f"not judged at {b:,} tokens: no run there in the baseline's configuration ({baseline.name}'s) has a "
+            "loss; train and evaluate one, e.g. as a branched cooldown" for b in t.unjudged if b is not None]
 
 
 def judge_accuracy(runs, baseline, cc):

@@ -16,6 +16,7 @@ import os
 from gpt_interventions.atomic import atomic_write
 from gpt_interventions.checkpoint import load_checkpoint
 from gpt_interventions.errors import UsageError
+from gpt_interventions.rundir import snapshot_name
 from gpt_interventions.schedule import cooldown_start
 from gpt_interventions.shards import sha256_file
 from gpt_interventions.training import make_plan
@@ -28,7 +29,7 @@ BRANCH_FIELDS = {"max_iters", "max_tokens", "cooldown_frac", "cooldown_shape", "
 
 def snapshot_path(out_dir, step):
     """A kept checkpoint's file, as rundir.keep_snapshots names it."""
-    return os.path.join(out_dir, f"ckpt_{step:07d}.pt")
+    return os.path.join(out_dir, snapshot_name(step))
 
 
 def kept_in(out_dir):

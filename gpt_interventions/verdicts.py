@@ -59,11 +59,13 @@ def judge_budgets(parts, correction="holm", sensitivity=True, test="auto", highe
     rows = []
     for budget, groups, noise in parts:
         base = groups[0]
+        if not base.losses:  # every other row would read as a baseline: the caller refuses or says so first
+            raise ValueError("judge: the baseline group has no values to judge against")
         for g in groups:
             if not g.losses:
                 continue
             row = Verdict(g, *summary(g.losses), budget=budget)
-            if g is not base and base.losses:
+            if g is not base:
                 a, b, pairs = aligned(g, base)
                 row.comparison = compare(a, b, noise, pairs, test)
                 row.comparison.higher_is_better = higher_is_better
