@@ -5,6 +5,8 @@
         [--effect=0.01 --noise_std=0.0017 (or --noise_from=RUNS) --hours_per_run=3 --usd_per_hour=2.5]
     sh DIR/run.sh                       # trains and evaluates every run, then compares them
     python sweep.py analyze out/NAME-* [--factor ...] [--split=test|val]
+    python sweep.py ladder --factor qkv_bias=False,True --rungs=2,4,6 --seeds=3 [--preset=TARGET.toml]
+    python sweep.py ladder --analyze out/NAME-* [--factor ...] [--preset=TARGET.toml]
 
 With --effect, plan says how many seeds per configuration detect that effect with 80% power
 under the design and the correction in force, and what the runs cost; without --seeds it plans them.
@@ -19,10 +21,10 @@ import shlex
 import sys
 from dataclasses import asdict, dataclass, replace
 
-from gpt_interventions import ROOT, budgets, design, slurm, stats
-from gpt_interventions.branch import snapshot_path
+from gpt_interventions import ROOT, budgets, design, ladder, slurm, stats
 from gpt_interventions.cli import field, load_preset, parse_config
 from gpt_interventions.errors import UsageError, run_main
+from gpt_interventions.jobs import plan_jobs, toml_value, train_and_eval
 from gpt_interventions.results import IGNORED, REPLICATE, SPLIT_HELP, SPLITS, group_runs, judged_lines, load_runs
 from gpt_interventions.stats import CORRECTIONS
 from gpt_interventions.verdicts import pooled_std
@@ -30,7 +32,8 @@ from gpt_interventions.tables import fmt, table
 from gpt_interventions.training import TrainConfig
 from model import GPTConfig
 
-USAGE = "plan --factor FIELD=A,B ... [--key=value ...] | analyze RUN_DIR_OR_GLOB... [--factor ...]"
+USAGE = ("plan --factor FIELD=A,B ... [--key=value ...] | analyze RUN_DIR_OR_GLOB... [--factor ...] | "
+         "ladder --factor FIELD=A,B [--rungs=2,4,6] | ladder --analyze RUN_DIR_OR_GLOB...")
 
 
 @dataclass
@@ -59,6 +62,12 @@ class SweepConfig:
     launcher: str = field("sh", "plan: sh: run.sh runs every run in turn; slurm: also an sbatch array script, one "
                                 "task a run", choices=("sh", "slurm"))
     split: str = field("test", f"analyze: {SPLIT_HELP}", choices=SPLITS)
+    rungs: str = field("2,4,6", "ladder: n_layer of each rung; width and heads follow the target's (--preset's) "
+                                "width per layer and head size (gpt_interventions/ladder.py)")
+    tokens_per_param: float = field(0.0, "ladder: training tokens per parameter of every rung; 0: the target's")
+    mup: bool = field(True, "ladder: parametrization=mup with the target's width as mup_base_width")
+    analyze: bool = field(False, "ladder: fit the finished runs and predict the target instead of planning")
+    bootstrap: int = field(1000, "ladder --analyze: bootstrap draws over seeds")
 
 
 @dataclass
@@ -128,77 +137,12 @@ def run_label(factors, row):
     return "_".join(parts) or "baseline"
 
 
-def toml_value(v):
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return repr(v) if isinstance(v, (int, float)) else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-@dataclass
-class Job:
-    """One planned run: its preset, its directory, and for a branched cooldown its parent's kept
-    checkpoint, which it waits for."""
-    name: str
-    preset: str
-    run_dir: str
-    tc: TrainConfig
-    waits_for: str = ""
-
-
-def write_preset(path, comment, values, keys):
-    with open(path, "w") as fh:
-        fh.write(f"# {comment}\n")
-        fh.write("".join(f"{k} = {toml_value(values[k])}\n" for k in dict.fromkeys(keys)))
-
-
-def train_and_eval(job, launch, sc):
-    """The shell commands that train and evaluate one planned run."""
-    q = shlex.quote
-    evals = f" --eval_tokens={sc.test_tokens}" if sc.test_tokens else ""
-    return (f"{launch}{q(os.path.join(ROOT, 'train.py'))} {q(job.preset)}; {launch}{q(os.path.join(ROOT, 'eval.py'))} "
-            f"{q(job.run_dir)} --dataset={q(job.tc.dataset)} --data_dir={q(job.tc.data_dir)}{evals}")
-
-
-def plan_jobs(factors, rows, sc, base, base_args, prefix):
-    """Write every run's preset; the Jobs in the order they can run (a long run before its branches)
-    and the budgets of the plan (None without --budgets)."""
-    fractions = budgets.parse_budgets(sc.budgets) if sc.budgets else None
-    jobs, plan_budgets = [], None
-    for i, row in enumerate(rows):
-        flags = [f"--{k}={v[lvl]}" for f, lvl in zip(factors, row) for k, v in f.levels.items()]
-        mc, tc = resolve(base_args + flags)
-        extra = []
-        if fractions:  # the same schedule and warmup in steps in every run, kept steps to branch from
-            tc = budgets.wsd_config(mc, tc, max(sc.torchrun, 1))
-            plan_budgets = budgets.plan_budgets(fractions, mc, tc, max(sc.torchrun, 1))
-            tc = replace(tc, keep_steps=",".join(str(b.branch_step) for b in plan_budgets[:-1]))
-            extra = ["lr_schedule", "warmup_iters", "keep_steps"]
-        describe = ", ".join(f.describe(l) for f, l in zip(factors, row))
-        for s in range(sc.seeds):
-            name = f"{prefix}-{i:02d}-{run_label(factors, row)}" + (f"-s{tc.seed + s}" if sc.seeds > 1 else "")
-            values = {**asdict(mc), **asdict(tc), "seed": tc.seed + s, "run_name": name}
-            keys = [k for k in base if k not in ("run_name", "out_dir")] + [k for f in factors for k in f.levels]
-            keys += extra + ["seed"] * (sc.seeds > 1) + ["run_name"]
-            path = os.path.join(sc.out, f"{name}.toml")
-            write_preset(path, f"{sc.design} sweep {prefix}, run {i}: {describe}", values, keys)
-            run_dir = os.path.join("out", name)  # train.py's default: the preset sets no out_dir
-            jobs.append(Job(name, path, run_dir, tc))
-            for b in (plan_budgets or [])[:-1]:
-                branch = f"{name}-b{fmt(b.fraction)}"
-                path = os.path.join(sc.out, f"{branch}.toml")
-                write_preset(path, f"{sc.design} sweep {prefix}, run {i}: {describe}; {b.fraction:g} of the budget, "
-                             f"a cooldown branched from {name} at step {b.branch_step}",
-                             {**values, "run_name": branch, "max_iters": b.steps, "keep_steps": "",
-                              "branch_from": run_dir, "branch_step": b.branch_step},
-                             keys + ["max_iters", "branch_from", "branch_step"])
-                jobs.append(Job(branch, path, os.path.join("out", branch), tc,
-                                snapshot_path(run_dir, b.branch_step)))
-    return jobs, plan_budgets
-
-
-def plan(factors, sc, argv, explicit):
-    rows, gens = plan_rows(factors, sc)
-    if sc.budgets and sc.design != "one-at-a-time":
+def plan(factors, sc, argv, explicit, rows=None, tail=None, label=None):
+    """Write a preset per run and run.sh; rows: the level indices of each run (default: the design's);
+    tail(python, out_root, names): the script's last lines (default: compare.py, then analyze);
+    label(factors, row): a run's name after its number (default: run_label)."""
+    rows, gens = (rows, None) if rows is not None else plan_rows(factors, sc)
+    if sc.budgets and (sc.design != "one-at-a-time" or tail is not None):
         raise UsageError("--budgets plans one-at-a-time designs (compare.py judges each budget); drop --design")
     power_lines = []
     if sc.effect:
@@ -208,7 +152,7 @@ def plan(factors, sc, argv, explicit):
     base_args = [sc.preset] if sc.preset else []
     prefix = os.path.basename(os.path.normpath(sc.out))
     os.makedirs(sc.out, exist_ok=True)
-    jobs, plan_budgets = plan_jobs(factors, rows, sc, base, base_args, prefix)
+    jobs, plan_budgets = plan_jobs(factors, rows, sc, base, base_args, prefix, resolve, label or run_label)
     # POSIX sh (Debian's and Ubuntu's sh is dash), the Python that planned it (the project's venv),
     # the scripts by absolute path, and the directory it was planned in for every relative path
     q = shlex.quote
@@ -225,22 +169,26 @@ def plan(factors, sc, argv, explicit):
     out_root = os.path.join("out", prefix)
     factor_args = " ".join(f"--factor {shlex.quote(' '.join(f'{k}={chr(44).join(map(str, v))}' for k, v in f.levels.items()))}"
                            for f in factors)
-    if any(rows[0]):  # the principal fraction of an odd k leaves the all-first-levels run out
+    if tail is not None:
+        script += tail(python, out_root, names)
+    elif any(rows[0]):  # the principal fraction of an odd k leaves the all-first-levels run out
         script.append("# the baseline configuration is not in this fraction: compare.py takes the first run as its baseline")
-    compare_line = (f"{python} {q(os.path.join(ROOT, 'compare.py'))} {q(out_root + '-*')} --baseline={q(names[0])} "
-                    f"--charts={q(sc.out + '/charts')} --correction={sc.correction}")
     # a factorial's effects need no baseline: a refused table (a diverged baseline) does not stop them
     survive = " || echo 'compare.py judged nothing; the factorial analysis follows'" * (sc.design != "one-at-a-time")
-    script.append(compare_line + survive)
-    if sc.design != "one-at-a-time":
+    compare_line = (f"{python} {q(os.path.join(ROOT, 'compare.py'))} {q(out_root + '-*')} --baseline={q(names[0])} "
+                    f"--charts={q(sc.out + '/charts')} --correction={sc.correction}")
+    if tail is None:
+        script.append(compare_line + survive)
+    if sc.design != "one-at-a-time" and tail is None:
         script.append(f"{python} {q(os.path.join(ROOT, 'sweep.py'))} analyze {q(out_root + '-*')} {factor_args} "
                       f"--correction={sc.correction}")
     with open(os.path.join(sc.out, "run.sh"), "w") as fh:
         fh.write("\n".join(script) + "\n")
     os.chmod(os.path.join(sc.out, "run.sh"), 0o755)
     configurations = len(rows) * sc.seeds
-    print(f"{sc.design} design, {len(rows)} configurations x {sc.seeds} seed(s) = {configurations} runs"
-          + (f", each with {len(plan_budgets) - 1} branched cooldown(s): {len(jobs)} runs in all" if plan_budgets else ""))
+    print(f"{'ladder' if tail else sc.design + ' design'}, {len(rows)} configurations x {sc.seeds} seed(s) = "
+          f"{configurations} runs" + (f", each with {len(plan_budgets) - 1} branched cooldown(s): {len(jobs)} runs in "
+                                      "all" if plan_budgets else ""))
     for j, f in enumerate(factors):
         print(f"  {design.LETTERS[j]}: {f.describe(0)}  ->  {f.describe(1) if len(f.levels[f.name]) == 2 else '...'}")
     if gens is not None:
@@ -419,7 +367,7 @@ def analyze(patterns, factors, sc):
 def main(argv):
     specs, rest = split_factors(argv)
     (sc,), positionals, explicit = parse_config(rest, [SweepConfig], "sweep.py", USAGE, max_positionals=10 ** 6)
-    if not positionals or positionals[0] not in ("plan", "analyze"):
+    if not positionals or positionals[0] not in ("plan", "analyze", "ladder"):
         raise UsageError(f"usage: sweep.py {USAGE}")
     factors = [parse_factor(s) for s in specs]
     fields = [k for f in factors for k in f.levels]
@@ -427,6 +375,8 @@ def main(argv):
     if twice:  # each run sets every factor's level: the later factor's would silently undo the earlier's
         raise UsageError(f"{', '.join(twice)} in more than one --factor; give a field one factor with every level "
                          f"it takes, e.g. --factor {twice[0]}=A,B,C (one-at-a-time designs take more than two)")
+    if positionals[0] == "ladder":
+        return ladder.main(factors, sc, positionals[1:], argv, explicit, plan, Factor, run_label)
     if positionals[0] == "plan":
         if not factors or len(positionals) > 1:
             raise UsageError("plan takes --factor FIELD=A,B (at least one) and no other arguments")
