@@ -466,3 +466,23 @@ def test_a_branched_cooldowns_wall_time_and_speed_are_its_own():
     straight = FinishedRun("s", "", {"branch_step": 0}, rows, 3.0, "test", None, 1)
     assert (branch.wall_s, branch.own_tokens) == (20.0, 100)  # the parent's first 10 steps are not its own
     assert (straight.wall_s, straight.own_tokens) == (30.0, 200)
+
+
+def test_a_run_saved_before_a_field_existed_groups_with_runs_that_leave_it_at_its_default(tmp_path, capsys):
+    # config.json of a run made before moe_draws, parametrization and lr_schedule's cooldown existed
+    # lacks those fields: they were off, so the run is a replicate of today's baseline, not a group
+    for s, e in ((42, 0.0), (43, 0.004)):
+        fake_run(tmp_path, f"new-s{s}", 3.70 + e, seed=s)
+        fake_run(tmp_path, f"gc-s{s}", 3.69 + e, seed=s, grad_clip=3.5)
+    old = fake_run(tmp_path, "old-s44", 3.702, seed=44)
+    with open(os.path.join(old, "config.json")) as f:
+        meta = json.load(f)
+    for key in ("moe_draws", "parametrization", "mup_base_width"):
+        del meta["model"][key]
+    for key in ("cooldown_frac", "cooldown_shape", "keep_steps"):
+        del meta["train"][key]
+    with open(os.path.join(old, "config.json"), "w") as f:
+        json.dump(meta, f)
+    compare.main([str(tmp_path / "*"), "--json", "--baseline=new-s42"])
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["group"], r["n"]) for r in rows] == [("baseline", 3), ("grad_clip=3.5", 2)]
