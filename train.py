@@ -1,9 +1,11 @@
 """Train a GPT-2-shaped model with interventions switched by flags.
 
-    python train.py [config/PRESET.toml ...] [--key=value ...]
+    python train.py [config/PRESET.toml | STORY_RUN_DIR ...] [--key=value ...]
     torchrun --standalone --nproc_per_node=8 train.py config/best.toml
 
 Precedence: dataclass defaults (the story's baseline) < presets < flags. `--help` lists them all.
+A preset is a TOML file, or one of the story's run directories (model.json and train.json, read
+by gpt_interventions/story_runs.py).
 The loop in `train` reads as the story of a step (lr, batches, forward and backward, update);
 its bookkeeping (log, evaluate, checkpoint, stop) is in named functions below it that get their
 state in one `Training` object.
@@ -21,6 +23,7 @@ import torch.distributed as dist
 
 from gpt_interventions.atomic import write_json
 from gpt_interventions.checkpoint import CHECKPOINT_VERSION, save_checkpoint
+from gpt_interventions.cli import split_flags
 from gpt_interventions.device import (
     Dist,
     autocast,
@@ -43,27 +46,29 @@ from gpt_interventions.rundir import Run, keep_snapshots
 from gpt_interventions.schedule import get_lr
 from gpt_interventions.shards import find_shards
 from gpt_interventions.step import accumulate_gradients, step_seed, wrap_model
+from gpt_interventions.story_runs import describe
 from gpt_interventions.trackers import check_trackers
 from gpt_interventions.training import Plan, TrainConfig, make_plan
 from model import GPT, GPTConfig
 
-USAGE = "[config/PRESET.toml ...] [--key=value ...]"
+USAGE = "[config/PRESET.toml | STORY_RUN_DIR ...] [--key=value ...]"
 
 
 def main(argv):
     mc, tc, ckpt = resolve_config(argv, USAGE)
     check_trackers(tc.tracker)
     if tc.dry_run:
-        return dry_run(mc, tc)
+        return dry_run(mc, tc, [describe(p) for p in split_flags(argv)[0] if os.path.isdir(p)])
     d = setup_dist(tc.device)
     with StopSignals() as stop:
         train(mc, tc, ckpt, d, stop)
     teardown_dist()
 
 
-def dry_run(mc, tc):
+def dry_run(mc, tc, story_runs=()):
     """What a run will do and cost, before paying for it: the resolved config and the derived plan
-    as one JSON object (config.json's model, train and derived). Reads no data, writes nothing."""
+    as one JSON object (config.json's model, train and derived; and the story's run directories
+    given, with the keys of theirs that change nothing here). Reads no data, writes nothing."""
     world_size = os.environ.get("WORLD_SIZE", "1")  # WORLD_SIZE=8 python train.py ... --dry_run
     if not world_size.isdigit() or int(world_size) < 1:
         raise UsageError(f"WORLD_SIZE={world_size!r}: give the number of ranks the run will have, e.g. WORLD_SIZE=8")
@@ -79,7 +84,10 @@ def dry_run(mc, tc):
     plan_of = derived(tc, plan, world_size, model)
     if tc.auto_batch_size:
         plan_of.update(micro_batch="auto", accum="auto")
-    print(json.dumps({"model": asdict(mc), "train": asdict(tc), "derived": plan_of}, indent=2))
+    shown = {"model": asdict(mc), "train": asdict(tc), "derived": plan_of}
+    if story_runs:
+        shown["story_runs"] = list(story_runs)
+    print(json.dumps(shown, indent=2))
 
 
 def derived(tc, plan, world_size, model):
