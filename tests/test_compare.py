@@ -162,6 +162,21 @@ def test_reference_rows_come_from_the_ledger_scored_like_the_runs(tmp_path, caps
     assert not any("reference" in line for line in lines[6:])
 
 
+def test_a_long_context_reference_counts_on_the_runs_windows_only(tmp_path, capsys):
+    # a 3,072-token model scored on its own windows is not comparable with 1,024-token runs; scored
+    # with eval.py --block_size=1024 (the row's window) it is
+    fake_run(tmp_path, "base", 3.70)
+    ledger = tmp_path / "results.jsonl"
+    ledger.write_text(json.dumps(ledger_row("long", 3.40, block_size=3072)) + "\n")
+    code, err = cli(compare.main, [tmp_path / "base", "--reference=long", f"--ledger={ledger}"], capsys)
+    assert code == 2 and "it has 1024 tokens at block_size 3072" in err
+    with open(ledger, "a") as f:
+        f.write(json.dumps(ledger_row("long", 3.60, block_size=3072, window=1024)) + "\n")
+    compare.main([str(tmp_path / "base"), "--reference=long", f"--ledger={ledger}"])
+    assert capsys.readouterr().out.splitlines()[2].split() == ["long", "reference", "(eval.py)", "3.600000",
+                                                               "-0.100000"]
+
+
 def test_reference_without_a_matching_row_says_how_to_score_it(tmp_path, capsys):
     fake_run(tmp_path, "base", 3.70)
     ledger = tmp_path / "results.jsonl"
