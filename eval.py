@@ -69,8 +69,10 @@ def main(argv):
     (ec,), positionals, _ = parse_config(argv, [EvalConfig], "eval.py", USAGE, max_positionals=1)
     if not positionals:
         raise UsageError(f"which model? usage: eval.py {USAGE}")
-    if ec.eval_tokens < 0 or ec.batch_size <= 0 or ec.block_size < 0:
-        raise UsageError("--eval_tokens and --block_size must be >= 0 and --batch_size positive")
+    if ec.eval_tokens < 0 or ec.batch_size <= 0:
+        raise UsageError("--eval_tokens must be >= 0 and --batch_size positive")
+    if ec.block_size < 0:
+        raise UsageError(f"--block_size must be >= 0 (0: the model's own), got {ec.block_size}")
     spec = positionals[0]
     if ec.export_hf or ec.export_book or ec.push_to_hub or ec.public:
         return export(spec, ec)

@@ -196,6 +196,13 @@ def scored(run, data, capsys, *flags):
     return json.loads(capsys.readouterr().out)
 
 
+def test_the_storys_test_split_is_the_same_tokens_in_3072_token_windows():
+    # 19,660,801 test tokens: 19,200 windows of 1,024 or 6,400 of 3,072, the same 19,660,800 targets
+    from gpt_interventions.loader import eval_windows
+    long, short = eval_windows([("test", 19_660_801)], 3072), eval_windows([("test", 19_660_801)], 1024)
+    assert (len(long), len(short), len(long) * 3072) == (6_400, 19_200, len(short) * 1024)
+
+
 @pytest.mark.skipif(not os.path.isdir(RUNS), reason=f"{RUNS} is absent")
 def test_the_context_extension_run_trains_evaluates_and_samples_at_3072(tmp_path, capsys):
     data = make_shards(tmp_path / "data")
