@@ -212,7 +212,8 @@ def test_the_context_extension_run_trains_evaluates_and_samples_at_3072(tmp_path
                 f"--out_dir={out}", "--total_batch_size=6144", "--max_iters=2", "--eval_tokens=3072"])
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
-    assert (config["model"]["block_size"], config["model"]["position"], config["derived"]["accum"]) == (3072, "learned", 2)
+    assert (config["model"]["block_size"], config["model"]["position"], config["derived"]["accum"]) == \
+        (3072, "learned", 2)
     assert [r["val_tokens"] for r in read_metrics(out) if "val_loss" in r] == [3072]
     model, _ = load_model(out)
     assert model.transformer.wpe.weight.shape == (3072, 32)
