@@ -55,7 +55,7 @@ FIXED = {"init": "torch", "position": "learned", "norm": "layernorm", "qk_norm":
 def gpus_of(path):
     """The GPUs the run ran on, from its name (8xa100m40-baseline: 8); None when the name does not say."""
     name = os.path.basename(os.path.normpath(path))
-    prefix = re.match(r"(\d+)x", name)
+    prefix = re.match(r"([1-9]\d*)x", name)
     return int(prefix.group(1)) if prefix else KNOWN_GPUS.get(name)
 
 

@@ -150,8 +150,10 @@ def test_a_name_without_its_gpus_needs_total_batch_size(tmp_path, capsys, monkey
     got = dry_run([path, "--total_batch_size=49152"], 1, capsys, monkeypatch)  # two GPUs' worth
     assert (got["derived"]["accum"], got["derived"]["tokens_per_step"]) == (4, 49_152)
     assert got["story_runs"][0]["gpus"] is None
-    # a prefix says it, whatever the rest of the name
+    # a prefix says it, whatever the rest of the name; no GPUs is no count
     assert dry_run([run_dir(tmp_path, "4xmine")], 1, capsys, monkeypatch)["derived"]["tokens_per_step"] == 49_152
+    code, err = cli(train.main, [run_dir(tmp_path, "0xmine"), "--dry_run"], capsys)
+    assert code == 2 and "how many GPUs ran it?" in err
     os.remove(os.path.join(path, "train.json"))
     code, err = cli(train.main, [path, "--dry_run"], capsys)
     assert code == 2 and err.count("\n") == 1 and "is a directory without train.json" in err
