@@ -4,6 +4,7 @@ and its token dataset imports and is read bit for bit as its code read it."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -65,6 +66,23 @@ def test_every_preset_names_its_reported_loss():
         assert f"run {name} (" in head, name
         assert f"reported test loss {reported[name]}" in head if name in reported else \
             "test loss not reported" in head, name
+
+
+def test_each_row_of_the_results_table_is_its_preset_with_its_loss(capsys, monkeypatch):
+    # assets/story/results.csv (compare.py --results) names each run's differences from the baseline:
+    # the same config as config/story/NAME.toml, and the loss that preset's header reports
+    from gpt_interventions.results import IGNORED, import_results
+    runs, _ = import_results(os.path.join(ROOT, "assets", "story", "results.csv"))
+    assert len(runs) == 15
+    for run in runs:
+        preset = os.path.join(ROOT, "config", "story", f"{run.name}.toml")
+        got = dry_run([preset], 1, capsys, monkeypatch)
+        config = {**got["model"], **got["train"]}
+        assert {k: v for k, v in config.items() if k not in IGNORED} == \
+            {k: v for k, v in run.config.items() if k not in IGNORED}, run.name
+        with open(preset) as f:
+            head = " ".join(line.removeprefix("# ") for line in f.read().split("\n")[:2])
+        assert float(re.search(r"reported test loss (\d\.\d+)", head).group(1)) == run.loss, run.name
 
 
 def test_dry_run_reads_no_data_and_writes_nothing(tmp_path, capsys, monkeypatch):
