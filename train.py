@@ -57,11 +57,12 @@ USAGE = "[config/PRESET.toml | STORY_RUN_DIR ...] [--key=value ...]"
 def main(argv):
     mc, tc, ckpt = resolve_config(argv, USAGE)
     check_trackers(tc.tracker)
+    story_runs = [describe(p) for p in split_flags(argv)[0] if os.path.isdir(p)]  # run directories given
     if tc.dry_run:
-        return dry_run(mc, tc, [describe(p) for p in split_flags(argv)[0] if os.path.isdir(p)])
+        return dry_run(mc, tc, story_runs)
     d = setup_dist(tc.device)
     with StopSignals() as stop:
-        train(mc, tc, ckpt, d, stop)
+        train(mc, tc, ckpt, d, stop, story_runs)
     teardown_dist()
 
 
@@ -168,7 +169,7 @@ class Training:
     routing_x: torch.Tensor = None  # with experts: the fixed validation tokens their routing is logged on
 
 
-def train(mc, tc, ckpt, d, stop):
+def train(mc, tc, ckpt, d, stop, story_runs=()):
     start = agree_on_start(ckpt, d, tc)
     set_tf32(tc.tf32)
     set_deterministic(tc.deterministic, d.device_type, tc.compile)  # before any matmul, trials included
@@ -203,7 +204,7 @@ def train(mc, tc, ckpt, d, stop):
                  saved_step=start if ckpt else None, skipped=ckpt.get("skipped_steps", 0) if ckpt else 0,
                  bad_step=torch.full((), -1, dtype=torch.long, device=d.device), peak=peak_flops(d.device, tc.dtype),
                  routing_x=routing_batch(windows, mc, tc.eval_batch_size or tc.batch_size, d.device))
-    record_start(t, start, resumed=ckpt is not None)
+    record_start(t, start, resumed=ckpt is not None, story_runs=story_runs)
 
     fwd_model, ddp_model = wrap_model(model, tc, d)
     ctx = autocast(d.device_type, tc.dtype)
@@ -242,8 +243,9 @@ def train(mc, tc, ckpt, d, stop):
 # the loop's bookkeeping
 
 
-def record_start(t, start, resumed):
-    """config.json (resolved config, derived values, environment) and the run's first log lines."""
+def record_start(t, start, resumed, story_runs=()):
+    """config.json (resolved config, derived values, environment; the story's run directories given
+    as presets) and the run's first log lines."""
     num_params = t.model.num_params()
     config_path = os.path.join(t.tc.out_dir, "config.json")
     before = None
@@ -252,13 +254,18 @@ def record_start(t, start, resumed):
             before = json.load(f).get("env", {}).get("threads")
     if t.d.master:
         config = {"model": asdict(t.mc), "train": asdict(t.tc),
-                  "derived": derived(t.tc, t.plan, t.d.world_size, t.model), "env": environment(t.d.device)}
+                  "derived": derived(t.tc, t.plan, t.d.world_size, t.model), "env": environment(t.d.device),
+                  **({"story_runs": list(story_runs)} if story_runs else {})}
         write_json(config_path, config)
         t.run.trackers.config(config, start)
     t.run.log(f"{'resuming' if resumed else 'starting'} {t.tc.out_dir} at step {start}: {num_params:,} parameters, "
               f"{t.plan.tokens_per_step:,} tokens/step = {t.d.world_size} ranks x {t.plan.accum} micro-batches x "
               f"{t.tc.batch_size} x {t.mc.block_size}, {t.plan.max_steps} steps")
     t.run.log("config: " + json.dumps({**asdict(t.mc), **asdict(t.tc)}))
+    for story in story_runs:
+        ignored = ", ".join(f"{k}={v}" for k, v in story["ignored"].items()) or "none"
+        t.run.log(f"preset {story['dir']}: the story's run on {story['gpus'] or 'an unnamed number of'} GPU(s); "
+                  f"ignored, as they change nothing here: {ignored}")
     if t.d.device_type == "cpu" and before not in (None, torch.get_num_threads()):
         t.run.log(f"note: the run used {before} CPU threads and goes on with {torch.get_num_threads()}: its numbers "
                   "will differ from an uninterrupted run's in the last bits (set OMP_NUM_THREADS to match)")

@@ -217,6 +217,9 @@ def test_the_context_extension_run_trains_evaluates_and_samples_at_3072(tmp_path
     assert (config["model"]["block_size"], config["model"]["position"], config["derived"]["accum"]) == \
         (3072, "learned", 2)
     assert [r["val_tokens"] for r in read_metrics(out) if "val_loss" in r] == [3072]
+    assert config["story_runs"][0]["ignored"] == {"checkpoint_interval": 617, "start_val_token": 0}
+    assert (f"preset {RUNS}/1xrtx3090-context-extension: the story's run on 1 GPU(s); ignored, as they change "
+            "nothing here: checkpoint_interval=617, start_val_token=0") in open(os.path.join(out, "log.txt")).read()
     model, _ = load_model(out)
     assert model.transformer.wpe.weight.shape == (3072, 32)
     test = read_shard(os.path.join(data, "syn", "test_000000.bin"))
