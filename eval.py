@@ -91,16 +91,16 @@ def main(argv):
     t0 = time.time()
     loss, tokens = evaluate(model, windows, ec.batch_size, d.device, ec.dtype, d.rank, d.world_size, window)
     seconds = time.time() - t0
-    row = {**info, "dataset": ec.dataset, "split": ec.split, "eval_tokens": ec.eval_tokens, "window": window,
-           "dtype": ec.dtype, "loss": loss, "ppl": math.exp(loss), "tokens": tokens,
-           "seconds": round(seconds, 3), "batch_size": ec.batch_size, "device": d.device,
+    shorter = window != model.config.block_size  # --block_size: not the model's own windows
+    row = {**info, "dataset": ec.dataset, "split": ec.split, "eval_tokens": ec.eval_tokens,
+           **({"window": window} if shorter else {}), "dtype": ec.dtype, "loss": loss, "ppl": math.exp(loss),
+           "tokens": tokens, "seconds": round(seconds, 3), "batch_size": ec.batch_size, "device": d.device,
            "world_size": d.world_size, **stamp()}
     if d.master:
         record(row, ec.ledger)
     print0(json.dumps(row) if ec.json else
            f"{ec.dataset}/{ec.split} loss {loss:.6f} ppl {row['ppl']:.2f} tokens {tokens:,}"
-           f"{f' in {window}-token windows' if window != model.config.block_size else ''} "
-           f"model {info['model']} ({duration(seconds)})")
+           f"{f' in {window}-token windows' if shorter else ''} model {info['model']} ({duration(seconds)})")
     teardown_dist()
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import eval as eval_script
 import sample
 import train
-from gpt_interventions import microbatch
+from gpt_interventions import eval_results, microbatch
 from gpt_interventions.formats import load_model
 from gpt_interventions.shards import read_shard
 from helpers import ROOT, cli, make_shards, read_metrics
@@ -227,7 +227,13 @@ def test_the_context_extension_run_trains_evaluates_and_samples_at_3072(tmp_path
     # its own windows: 2 of 3,072 tokens in the 8,000-token split; --block_size=1024: 7 of 1,024
     for got, T in ((own, 3072), (wide, 1024)):
         loss, tokens = reference_loss(model, test, T)
-        assert (got["window"], got["tokens"]) == (T, tokens) and got["loss"] == pytest.approx(loss, rel=1e-6)
+        assert got["tokens"] == tokens and got["loss"] == pytest.approx(loss, rel=1e-6)
+    assert "window" not in own and wide["window"] == 1024
+    # eval.json keeps both; the run's result (compare.py's) is the score on its own windows
+    rows = eval_results.read(out)
+    assert sorted(eval_results.key(r) for r in rows) == ["syn/test ckpt.pt step 2 float32 eval_tokens=0",
+                                                         "syn/test ckpt.pt step 2 float32 eval_tokens=0 window=1024"]
+    assert eval_results.final_result(rows, 2, "syn/test")[0]["loss"] == own["loss"]
     code, err = cli(eval_script.main, [out, "--dataset=syn", f"--data_dir={data}", "--block_size=4096"], capsys)
     assert code == 2 and "--block_size=4096 is longer than the model's block_size 3072" in err
     # sampling sees past 1,024 tokens: greedy continuations of a 1,500-token prompt (GPT-2 tokens
