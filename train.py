@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from gpt_interventions.atomic import write_json
+from gpt_interventions.branch import start_branch
 from gpt_interventions.checkpoint import CHECKPOINT_VERSION, save_checkpoint
 from gpt_interventions.cli import split_flags
 from gpt_interventions.device import (
@@ -48,7 +49,7 @@ from gpt_interventions.shards import find_shards
 from gpt_interventions.step import accumulate_gradients, step_seed, wrap_model
 from gpt_interventions.story_runs import describe
 from gpt_interventions.trackers import check_trackers
-from gpt_interventions.training import Plan, TrainConfig, make_plan
+from gpt_interventions.training import Plan, TrainConfig, kept_steps, make_plan
 from model import GPT, GPTConfig
 
 USAGE = "[config/PRESET.toml | STORY_RUN_DIR ...] [--key=value ...]"
@@ -167,6 +168,8 @@ class Training:
     clock: tuple = (0.0, 0)         # (time, step) of the last logged row
     peak: float | None = None       # the device's peak FLOP/s at this dtype, for MFU; None: unknown
     routing_x: torch.Tensor = None  # with experts: the fixed validation tokens their routing is logged on
+    kept: frozenset = frozenset()   # --keep_steps: steps checkpointed and kept as ckpt_STEP.pt
+    branch: dict | None = None      # a branched run's parent (gpt_interventions/branch.py)
 
 
 def train(mc, tc, ckpt, d, stop, story_runs=()):
@@ -199,12 +202,15 @@ def train(mc, tc, ckpt, d, stop, story_runs=()):
         model.load_state_dict(ckpt["model"])
         load_optimizer_state(optimizer, ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
+    if ckpt is not None and ckpt.get("branching") and d.master:
+        start_branch(tc.out_dir, ckpt["branch"])
     run = Run(tc, d.master, start)  # rows logged after the checkpoint (all, without one) are logged again
     t = Training(mc, tc, plan, d, model, optimizer, scaler, shards, loader, run,
                  saved_step=start if ckpt else None, skipped=ckpt.get("skipped_steps", 0) if ckpt else 0,
                  bad_step=torch.full((), -1, dtype=torch.long, device=d.device), peak=peak_flops(d.device, tc.dtype),
-                 routing_x=routing_batch(windows, mc, tc.eval_batch_size or tc.batch_size, d.device))
-    record_start(t, start, resumed=ckpt is not None, story_runs=story_runs)
+                 routing_x=routing_batch(windows, mc, tc.eval_batch_size or tc.batch_size, d.device),
+                 kept=frozenset(kept_steps(tc)), branch=ckpt.get("branch") if ckpt else None)
+    record_start(t, start, resumed=ckpt is not None and not ckpt.get("branching"), story_runs=story_runs)
 
     fwd_model, ddp_model = wrap_model(model, tc, d)
     ctx = autocast(d.device_type, tc.dtype)
@@ -224,7 +230,7 @@ def train(mc, tc, ckpt, d, stop, story_runs=()):
         done = step + 1
         last = done == plan.max_steps
         stopping = agree_to_stop(t, done, last, stop)
-        saving = last or stopping or done % tc.checkpoint_interval == 0
+        saving = last or stopping or done % tc.checkpoint_interval == 0 or done in t.kept
         if done % tc.log_interval == 0 or saving:
             log_step(t, done, lr, loss_sum, norm)
         if (tc.eval_interval and done % tc.eval_interval == 0) or last:
@@ -255,6 +261,7 @@ def record_start(t, start, resumed, story_runs=()):
     if t.d.master:
         config = {"model": asdict(t.mc), "train": asdict(t.tc),
                   "derived": derived(t.tc, t.plan, t.d.world_size, t.model), "env": environment(t.d.device),
+                  **({"branch": t.branch} if t.branch else {}),
                   **({"story_runs": list(story_runs)} if story_runs else {})}
         write_json(config_path, config)
         t.run.trackers.config(config, start)
@@ -262,6 +269,9 @@ def record_start(t, start, resumed, story_runs=()):
               f"{t.plan.tokens_per_step:,} tokens/step = {t.d.world_size} ranks x {t.plan.accum} micro-batches x "
               f"{t.tc.batch_size} x {t.mc.block_size}, {t.plan.max_steps} steps")
     t.run.log("config: " + json.dumps({**asdict(t.mc), **asdict(t.tc)}))
+    if t.branch:
+        t.run.log(f"branched from {t.branch['from']} at step {t.branch['step']} ({t.branch['checkpoint']}, "
+                  f"sha256 {t.branch['sha256']})")
     for story in story_runs:
         ignored = ", ".join(f"{k}={v}" for k, v in story["ignored"].items()) or "none"
         t.run.log(f"preset {story['dir']}: the story's run on {story['gpus'] or 'an unnamed number of'} GPU(s); "
@@ -368,8 +378,8 @@ def checkpoint(t, done):
                       else "no checkpoint was written"))
         else:
             t.saved_step = done
-            if t.tc.keep_checkpoints:
-                keep_snapshots(t.tc.out_dir, path, done, t.tc.keep_checkpoints)
+            if t.tc.keep_checkpoints or done in t.kept:
+                keep_snapshots(t.tc.out_dir, path, done, t.tc.keep_checkpoints, t.kept)
     if t.d.world_size > 1:  # doubles as the barrier: every rank learns whether the write failed
         failed = torch.tensor([error is not None], dtype=torch.int32, device=t.d.device)
         dist.all_reduce(failed)
@@ -390,6 +400,7 @@ def checkpoint_state(t, step):
                  "shards": [[os.path.basename(p), n] for p, n in t.shards]},
         "rng": {"scheme": "dropout reseeded each step from (seed, step, rank)", "seed": t.tc.seed},
         "skipped_steps": t.skipped,
+        **({"branch": t.branch} if t.branch else {}),
     }
 
 
