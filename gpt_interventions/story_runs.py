@@ -129,6 +129,8 @@ def run_preset(path, total_batch_size_given=False):
                   n_head=m["n_heads"], n_layer=m["n_layers"], dropout=float(m["drop_rate"]),
                   qkv_bias=m["qkv_bias"], tie_weights=m["tie_weights"],
                   n_expert=m["moe"].get("num_experts", 0), expert_top_k=m["moe"].get("num_active_experts", 1))
+    if m["moe"]:  # his model draws each block's router and experts where its MLP was: his initial weights
+        values["moe_draws"] = "story"
     if gpus is not None:
         values["total_batch_size"] = gpus * micro * accum * m["context_length"]
     elif not total_batch_size_given:

@@ -64,7 +64,8 @@ def story_run(name):
              "n_head": m["n_heads"], "n_layer": m["n_layers"], "dropout": m["drop_rate"],
              "qkv_bias": m["qkv_bias"], "tie_weights": m.get("tie_weights", False), "init": "torch",
              "position": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True,
-             "n_expert": moe.get("num_experts", 0), "expert_top_k": moe.get("num_active_experts", 1)}
+             "n_expert": moe.get("num_experts", 0), "expert_top_k": moe.get("num_active_experts", 1),
+             **({"moe_draws": "story"} if moe else {})}
     trained = {"dataset": "story", "batch_size": micro, "total_batch_size": per_step, "learning_rate": lr,
                "lr_schedule": "story" if scheduled else "constant", "weight_decay": t.get("weight_decay", 0.1),
                "decay_params": "all", "optimizer": "adamw", "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
@@ -263,8 +264,8 @@ def test_an_expert_run_trains_and_evaluates_from_its_directory(tmp_path, capsys)
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
     m, t = config["model"], config["train"]
-    assert (m["n_expert"], m["expert_top_k"], t["moe_aux_loss"], t["batch_size"], config["derived"]["accum"]) == \
-        (6, 2, 0.0, 3, 2)
+    assert (m["n_expert"], m["expert_top_k"], m["moe_draws"], t["moe_aux_loss"], t["batch_size"],
+            config["derived"]["accum"]) == (6, 2, "story", 0.0, 3, 2)
     assert (t["grad_clip"], t["weight_decay"], t["lr_schedule"], m["dropout"]) == (3.5, 0.01, "story", 0.0)
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert len(rows) == 3 and all(len(r["expert_frac"]) == 2 and len(r["expert_frac"][0]) == 6 for r in rows)
