@@ -111,7 +111,8 @@ def train_steps(mc, tc, data, d, backend="inductor", after_step=None):
     tc.optimizer at its peak lr); after_step(step, fwd_model), if given, runs after each step (a
     validation, say). Returns (losses, seconds of each step, the plain model, the scaler)."""
     torch.manual_seed(tc.seed)
-    model = GPT(mc).to(d.device)
+    with torch.device(d.device):  # on a GPU drawn there (163M weights in ms, not a CPU's seconds): the
+        model = GPT(mc)           # same weights for both runs of a row, though not train.py's CPU draws
     optimizer = configure_optimizer(model, tc, d.device_type)
     scaler = torch.amp.GradScaler(d.device_type, enabled=tc.dtype == "float16")
     if backend == "inductor":
