@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's GPU check: at most 8 minutes on one H100/H200, run from the repository root
+# The project's GPU check: about 7 minutes on one H100/H200 (its budget: 8), run from the repository root
 # (`make gpu-check`, or `bash benchmarks/gpu_check.sh`). Every step has its own time limit and a
 # failed step does not stop the rest; everything printed goes to $OUT/gpu-check.log (or
 # /tmp/gpu-check.log). Record its figures and failures in BENCHMARKS.md with the date and device.
