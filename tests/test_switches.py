@@ -25,6 +25,7 @@ def table(out):
     return {(r[0], r[1]): dict(zip(switches.HEADER, r)) for r in rows}
 
 
+@pytest.mark.slow
 def test_the_dry_mode_runs_every_switch_in_both_precisions_with_one_graph_each(capsys):
     run_main(switches.main, DRY)
     rows = table(capsys.readouterr().out)
