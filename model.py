@@ -44,6 +44,13 @@ class GPTConfig:
     n_expert: int = field(0, "0: one MLP per block (GPT-2); N: a mixture of N experts, each that MLP, and a "
                           "router per block (gpt_interventions/moe.py)")
     expert_top_k: int = field(1, "experts each token is routed to, 1 to n_expert (with n_expert > 0)")
+    moe_impl: str = field("sparse", "how the experts compute: sparse (each on the tokens routed to it: k MLPs "
+                          "of work per token) or dense (each on every token, zero gates where not routed: "
+                          "n_expert MLPs, static shapes); the same function up to rounding", choices=("sparse", "dense"))
+    moe_draws: str = field("apart", "order of the experts' initial draws: apart (the router and experts 1.. "
+                           "after every other weight, so n_expert moves no other weight's draw) or story "
+                           "(each block's router then its experts in the MLP's place, as the story's code "
+                           "builds them: his expert runs' initial weights at his seed)", choices=("apart", "story"))
 
     @property
     def padded_vocab(self):
@@ -175,7 +182,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab, bias=False)
         torch.set_rng_state(rng)
         if config.init == "gpt2":
-            for module in self._init_order():
+            for module in sum(self._init_order(), []):
                 self._init_gpt2(module)
         else:
             self._init_torch()
@@ -194,38 +201,62 @@ class GPT(nn.Module):
         """PyTorch's module defaults, which the book's GPTModel (and so the story's code) keeps:
         Embedding N(0, 1); Linear weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)); LayerNorm 1, 0.
 
-        Drawn module by module, the head included (a tied head is then replaced by wte), and the
-        QKV biases last, so that neither switch moves another weight's draw; with bias=False the
-        absent biases are drawn and dropped, for the same reason. The book's separate
-        W_query/W_key/W_value have the same fan_in as our fused c_attn, so the same distribution.
+        Drawn module by module, the head included (a tied head is then replaced by wte), then the
+        QKV biases, then the modules a mixture of experts adds (_init_order), so that no switch
+        moves another weight's draw: with bias=False the absent biases are drawn and dropped, and
+        so are absent QKV biases when experts are drawn after them (issue 21, defect 7); the head
+        and the routers never have one and draw none, as in the story's code. The
+        book's separate W_query/W_key/W_value have the same fan_in as our fused c_attn, so the
+        same distribution.
         """
         qkv = [block.attn.c_attn for block in self.transformer.h]
-        for module in self._init_order():
-            if isinstance(module, nn.Embedding):
-                self._rows(module).normal_(0.0, 1.0)
-            elif isinstance(module, nn.Linear):
-                bound = 1 / math.sqrt(module.in_features)
-                self._rows(module).uniform_(-bound, bound)
-                if module is self.lm_head or any(module is m for m in qkv):
-                    continue
-                bias = module.bias if module.bias is not None else torch.empty(module.out_features)
-                bias.uniform_(-bound, bound)
-            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                module.weight.fill_(1.0)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
+        # no bias drawn here: the QKV biases (below) and the Linears no switch gives a bias
+        no_bias = set(map(id, qkv + [self.lm_head] + [b.mlp.router for b in self.transformer.h
+                                                      if isinstance(b.mlp, MoE)]))
+        first, late = self._init_order()
+        for module in first:
+            self._draw_torch(module, no_bias)
         for module in qkv:
-            if module.bias is not None:
+            bias = module.bias if module.bias is not None else torch.empty(module.out_features) if late else None
+            if bias is not None:
                 bound = 1 / math.sqrt(module.in_features)
-                module.bias.uniform_(-bound, bound)
+                bias.uniform_(-bound, bound)
+        for module in late:
+            self._draw_torch(module, no_bias)
+
+    def _draw_torch(self, module, no_bias):
+        """Draw one module's own weights as PyTorch's defaults do (_init_torch); no bias for the
+        modules whose ids are in no_bias."""
+        if isinstance(module, nn.Embedding):
+            self._rows(module).normal_(0.0, 1.0)
+        elif isinstance(module, nn.Linear):
+            bound = 1 / math.sqrt(module.in_features)
+            self._rows(module).uniform_(-bound, bound)
+            if id(module) in no_bias:
+                return
+            bias = module.bias if module.bias is not None else torch.empty(module.out_features)
+            bias.uniform_(-bound, bound)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            module.weight.fill_(1.0)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
 
     def _init_order(self):
-        """Every module in the order the init draws its weights: as self.modules(), except that a
-        mixture of experts' router and experts after the first come last (MoE.drawn_late), so
-        that n_expert changes no other weight's draw."""
-        late = [m for block in self.transformer.h if isinstance(block.mlp, MoE) for m in block.mlp.drawn_late()]
+        """(modules drawn first, modules drawn last), together every module once. moe_draws=apart: as
+        self.modules(), except that a mixture of experts' router and experts after the first are
+        drawn last (MoE.drawn_late), so that n_expert changes no other weight's draw. story: as
+        self.modules() with each router just before its experts, nothing last: the story's code
+        builds the router and then the experts where the MLP was (interventions.md)."""
+        mixtures = [block.mlp for block in self.transformer.h if isinstance(block.mlp, MoE)]
+        if self.config.moe_draws == "story":
+            routers = set(id(m.router) for m in mixtures)
+            order = [m for m in self.modules() if id(m) not in routers]
+            for moe in mixtures:
+                order.insert(order.index(moe) + 1, moe.router)
+            return order, []
+        late = [m for moe in mixtures for m in moe.drawn_late()]
         skip = set(map(id, late))
-        return [m for m in self.modules() if id(m) not in skip] + late
+        return [m for m in self.modules() if id(m) not in skip], late
 
     @torch.no_grad()
     def _rows(self, module):

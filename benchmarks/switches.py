@@ -1,7 +1,7 @@
 """Every switch compiled and in half precision: tokens/s, peak memory, dynamo's graphs and graph
 breaks, and agreement with eager, one table row per switch and precision.
 
-    python benchmarks/switches.py --device=cuda            # in benchmarks/gpu_check.sh: about 4 minutes
+    python benchmarks/switches.py --device=cuda            # in benchmarks/gpu_check.sh: about 3 minutes
     python benchmarks/switches.py --device=cpu --tiny=True --backend=eager --budget=0   # the CPU dry mode
 
 A row is GPT-2 small's shape (12 layers x 768, block 1024, the GPT-2 vocabulary: the project's
@@ -60,6 +60,7 @@ SWITCHES = {
     "z_loss=1e-4": ["--z_loss=1e-4"],
     "optimizer=muon": ["--optimizer=muon"],
     "n_expert=4 top_k=2": ["--n_expert=4", "--expert_top_k=2", "--moe_aux_loss=0.01"],
+    "moe_impl=dense": ["--n_expert=4", "--expert_top_k=2", "--moe_aux_loss=0.01", "--moe_impl=dense"],
     "tie_weights": ["--tie_weights=True"],
     "qkv_bias": ["--qkv_bias=True"],
     "dropout=0.1": ["--dropout=0.1"],
@@ -80,7 +81,7 @@ class SwitchCheck:
     batch_size: int = field(8, "sequences per step")
     warmup: int = field(2, "untimed steps first (compilation)")
     steps: int = field(3, "timed steps after the warm-up")
-    budget: float = field(200.0, "seconds after which no new row starts; 0: no limit")
+    budget: float = field(150.0, "seconds after which no new row starts; 0: no limit")
     only: str = field("", "comma-separated row names to run (see SWITCHES); empty: all")
 
 
@@ -115,10 +116,9 @@ def train_steps(mc, tc, data, d, backend="inductor", after_step=None):
         model = GPT(mc)           # same weights for both runs of a row, though not train.py's CPU draws
     optimizer = configure_optimizer(model, tc, d.device_type)
     scaler = torch.amp.GradScaler(d.device_type, enabled=tc.dtype == "float16")
-    if backend == "inductor":
-        fwd_model, ddp_model = wrap_model(model, tc, d)
-    else:  # wrap_model's torch.compile on one process, with another backend
-        fwd_model = ddp_model = torch.compile(model, backend=backend) if tc.compile else model
+    fwd_model, ddp_model = wrap_model(model, tc, d)  # train.py's compile, and the dynamo settings it makes
+    if tc.compile and backend != "inductor":  # the same on one process with another backend
+        fwd_model = ddp_model = torch.compile(model, backend=backend)
     ctx = autocast(d.device_type, tc.dtype)
     model.train()
     losses, seconds = [], []

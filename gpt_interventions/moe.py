@@ -1,13 +1,13 @@
 """Mixture of experts: a block's MLP replaced by n_expert MLPs and a router that sends each token
-to its top-k of them (GPTConfig n_expert, expert_top_k; TrainConfig moe_aux_loss; interventions.md,
-"Mixture of experts").
+to its top-k of them (GPTConfig n_expert, expert_top_k, moe_impl, moe_draws; TrainConfig
+moe_aux_loss; interventions.md, "Mixture of experts").
 
 Each expert is the block's own MLP class, passed in by model.py, so every MLP variant is an
-expert without code here. The computation is dense: every expert runs on every token and the
-outputs of the experts a token was not routed to are multiplied by a zero gate. That keeps the
-shapes static (no data-dependent control flow: torch.compile and DDP see one graph, every
-parameter gets a gradient) and is exact, at the cost of n_expert MLPs per token where a sparse
-dispatch computes k. No capacity factor: no token is ever dropped.
+expert without code here. moe_impl=sparse (the default) runs each expert on the tokens routed to
+it, k MLPs of work per token; moe_impl=dense runs every expert on every token and multiplies the
+outputs of the experts a token was not routed to by a zero gate, n_expert MLPs per token but
+static shapes. Both compute the same function (equal up to float rounding, tests/test_moe_sparse.py)
+and both give every parameter a gradient. No capacity factor: no token is ever dropped.
 """
 
 import torch
@@ -57,17 +57,44 @@ class MoE(nn.Module):
 
     def __init__(self, config, expert):
         super().__init__()
-        self.n_expert, self.top_k = config.n_expert, config.expert_top_k
+        self.n_expert, self.top_k, self.impl = config.n_expert, config.expert_top_k, config.moe_impl
         self.experts = nn.ModuleList([expert(config) for _ in range(config.n_expert)])
         self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
 
     def forward(self, x):
         h = x.flatten(0, 1)  # (N, C) tokens
         gates, probs, chosen = route(self.router(h), self.top_k)  # (N, E), (N, E), (N, k)
-        y = gates[:, :1] * self.experts[0](h)  # dense: every expert on every token, zero gate if not chosen
+        y = self.sparse(h, gates, chosen) if self.impl == "sparse" else self.dense(h, gates)
+        return y.view_as(x), balance_loss(probs, chosen)
+
+    def dense(self, h, gates):
+        """h (N, C) -> (N, C): every expert on every token, a zero gate where it was not chosen."""
+        y = gates[:, :1] * self.experts[0](h)
         for e in range(1, self.n_expert):
             y = y + gates[:, e:e + 1] * self.experts[e](h)
-        return y.view_as(x), balance_loss(probs, chosen)
+        return y
+
+    def sparse(self, h, gates, chosen):
+        """h (N, C) -> (N, C): each expert on the tokens routed to it, what dense computes.
+
+        The N*k (token, expert) pairs are grouped by expert with a stable sort, each expert runs on
+        its slice, and each token's k weighted outputs go back to their pairs and are summed in
+        ascending expert order, the order in which dense adds them. Every expert runs, on no
+        tokens if none chose it, so every parameter gets a gradient (zeros), as DDP needs. The
+        slices' sizes are data: one host sync per layer, and under torch.compile unbacked
+        symbolic sizes (step.wrap_model), one graph whatever the routing.
+        """
+        k = self.top_k
+        chosen = chosen.sort(dim=-1).values  # (N, k) each token's experts in ascending order
+        pairs = chosen.flatten()  # (N*k,) the expert of pair t*k + j: token t's j-th
+        order = pairs.argsort(stable=True)  # (N*k,) pairs grouped by expert, tokens in order
+        # tokens per expert; one_hot, not bincount, whose output shape torch.compile cannot know
+        counts = F.one_hot(pairs, self.n_expert).sum(dim=0).tolist()
+        parts = h[order // k].split(counts)  # each expert's tokens, (count_e, C)
+        out = torch.cat([expert(part) for expert, part in zip(self.experts, parts)])  # (N*k, C)
+        out = out * gates.gather(1, chosen).flatten()[order, None]
+        y = torch.empty_like(out).index_copy(0, order, out)  # (N*k, C) back in pair order
+        return y.view(-1, k, y.size(-1)).sum(dim=1)
 
     def drawn_late(self):
         """The modules whose initial weights are drawn after every other (model.py GPT._init_order):

@@ -3,9 +3,9 @@ match eager, and the default and modern models compile to one graph with no grap
 not recompile between steps or at validation (dynamo's own counters).
 
 Each inductor compile costs tens of seconds of C++ compilation on two cores, so the switches are
-compiled in four models rather than one each: the default model, config/modern.toml (shrunk to
-the tiny width), config/tiny-modern.toml as it is, and every other switch at once; a test checks
-that these four set every switch. The steps are those of train.py (benchmarks/switches.py
+compiled in five models rather than one each: the default model, config/modern.toml (shrunk to
+the tiny width), config/tiny-modern.toml as it is, every other switch at once (sparse experts
+among them), and dense experts; a test checks that these five set every switch. The steps are those of train.py (benchmarks/switches.py
 train_steps: step.wrap_model, step.accumulate_gradients, the optimizer and GradScaler), on the
 same tokens from the same initial weights, compiled and eager in the same process.
 """
@@ -42,6 +42,8 @@ MODELS = {
                            "--mlp=swiglu", "--n_expert=3", "--expert_top_k=2", "--moe_aux_loss=0.01",
                            "--z_loss=1e-4", "--tie_weights=True", "--qkv_bias=True", "--init=gpt2",
                            "--pad_vocab=True", "--dropout=0.1", "--grad_clip=1.0"],
+    "dense experts": [*TINY, "--vocab_size=256", "--n_expert=2", "--expert_top_k=1", "--moe_impl=dense",
+                      "--moe_draws=story"],
 }
 # Compiled against eager, float32: the kernels differ (fused, reordered reductions), so the numbers
 # differ by float rounding: the losses by at most 1.1e-6 relative (measured). The weights after
@@ -59,7 +61,7 @@ def configs(name):
     return mc, tc
 
 
-def test_the_four_models_set_every_switch():
+def test_the_five_models_set_every_switch():
     # a new GPTConfig switch, or a training objective or optimizer switch, must be compiled here too
     default_mc, default_tc = GPTConfig(), TrainConfig()
     changed = set()
@@ -125,7 +127,7 @@ def test_one_graph_no_break_no_recompilation_at_steps_or_validation(name, data_d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["tiny-modern.toml", "the other switches"])
+@pytest.mark.parametrize("name", ["tiny-modern.toml", "the other switches", "dense experts"])
 def test_compiled_steps_match_eager(name):
     compiled, eager = compiled_and_eager(name)
     assert_same_training(name, compiled, eager)
