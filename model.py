@@ -51,6 +51,11 @@ class GPTConfig:
                            "after every other weight, so n_expert moves no other weight's draw) or story "
                            "(each block's router then its experts in the MLP's place, as the story's code "
                            "builds them: his expert runs' initial weights at his seed)", choices=("apart", "story"))
+    parametrization: str = field("standard", "standard, or mup: hyperparameters that transfer across width "
+                                 "(muP, arXiv 2203.03466): at n_embd = m x mup_base_width the hidden matrices' "
+                                 "gpt2 init std and AdamW lr are divided by sqrt(m) and m, the logits by m, "
+                                 "attention scores are q.k x 8/head_size", choices=("standard", "mup"))
+    mup_base_width: int = field(256, "the width at which mup equals standard (with 64-wide heads): tune there")
 
     @property
     def padded_vocab(self):
@@ -63,6 +68,11 @@ class GPTConfig:
         so that 3*C*h exceeds GELU's 8*C^2 weights by at most 16*C, a fraction 2/C (3% at C = 32,
         exactly 8*C^2 at 768: h = 2048)."""
         return 8 * -(-self.n_embd // 3) if self.mlp == "swiglu" else 4 * self.n_embd
+
+    @property
+    def width_mult(self):
+        """muP's width ratio m = n_embd / mup_base_width; None under the standard parametrization."""
+        return self.n_embd / self.mup_base_width if self.parametrization == "mup" else None
 
 
 def make_norm(config, dim):
@@ -101,6 +111,9 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = make_norm(config, config.n_embd // config.n_head)
             self.k_norm = make_norm(config, config.n_embd // config.n_head)
         self.qk_norm = config.qk_norm
+        # muP: q.k / d_head, not / sqrt(d_head) (arXiv 2203.03466 sec. 4), times 8 so that it equals
+        # the standard scale at GPT-2's 64-wide heads; None: SDPA's own 1/sqrt(d_head)
+        self.scale = 8 / (config.n_embd // config.n_head) if config.parametrization == "mup" else None
 
     def forward(self, x, rope=None):
         B, T, C = x.size()
@@ -112,7 +125,7 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # (cos, sin) of positions 0..T-1
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -275,6 +288,8 @@ class GPT(nn.Module):
             std = 0.02
             if getattr(module, "RESIDUAL_SCALE", False):
                 std /= math.sqrt(2 * self.config.n_layer)
+            if self.config.width_mult and isinstance(module, nn.Linear) and self._hidden(module):
+                std /= math.sqrt(self.config.width_mult)  # muP: hidden weights' variance ~ 1/fan_in
             torch.nn.init.normal_(self._rows(module), mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 torch.nn.init.zeros_(module.bias)
@@ -282,6 +297,12 @@ class GPT(nn.Module):
             torch.nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 torch.nn.init.zeros_(module.bias)
+
+    def _hidden(self, module):
+        """A Linear inside the blocks: muP's hidden matrices (fan_in and fan_out grow with width). The
+        torch init's U(+-1/sqrt(fan_in)) already scales them as muP does; the gpt2 init's N(0, 0.02)
+        does not, so _init_gpt2 divides its std by sqrt(width_mult)."""
+        return any(module is m for m in self.transformer.h.modules())
 
     def num_params(self):
         """Every parameter counted once (a tied head is not counted twice), embeddings included;
@@ -313,7 +334,11 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x), torch.stack(balance).mean() if balance else None
 
     def softcap(self, logits):
-        """logit_softcap: cap * tanh(logits / cap) in float32, so that |logits| < cap; identity if 0."""
+        """The head's output -> logits: under mup divided by width_mult (muP's output multiplier, so
+        that the head's AdamW lr needs no width rule); then logit_softcap: cap * tanh(logits / cap)
+        in float32, so that |logits| < cap; identity if 0."""
+        if self.config.width_mult:
+            logits = logits / self.config.width_mult
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits.float() / cap) if cap else logits
 

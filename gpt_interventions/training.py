@@ -89,7 +89,7 @@ class TrainConfig:
 
 
 POSITIVE = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "log_interval",
-            "checkpoint_interval", "learning_rate", "muon_lr"}
+            "checkpoint_interval", "learning_rate", "muon_lr", "mup_base_width"}
 FRACTIONS = {"dropout", "beta1", "beta2", "muon_momentum"}  # in [0, 1)
 MAX_EXPERTS = 256  # DeepSeek-V3's routed experts per layer
 
@@ -127,6 +127,9 @@ def make_plan(mc, tc, world_size):
     if mc.position == "rope" and mc.n_embd // mc.n_head % 2:
         raise UsageError(f"--position=rope rotates pairs of dimensions: the head size n_embd/n_head = "
                          f"{mc.n_embd // mc.n_head} must be even")
+    if mc.parametrization == "mup" and tc.optimizer == "muon" and tc.muon_adjust_lr != "original":
+        raise UsageError("--parametrization=mup with --optimizer=muon needs --muon_adjust_lr=original (its "
+                         "sqrt(rows/cols) is the width rule); match_rms_adamw's lr grows with width")
     if mc.rope_base <= 1:
         raise UsageError(f"--rope_base must be greater than 1, got {mc.rope_base}")
     if mc.n_expert > MAX_EXPERTS:
