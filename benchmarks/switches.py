@@ -66,6 +66,7 @@ SWITCHES = {
     "dropout=0.1": ["--dropout=0.1"],
     "init=gpt2": ["--init=gpt2"],
     "pad_vocab": ["--pad_vocab=True"],
+    "parametrization=mup": ["--parametrization=mup"],
 }
 BASE = ["--dropout=0.0", "--total_batch_size=0", "--compile=True"]
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--vocab_size=256"]

@@ -5,7 +5,7 @@ not recompile between steps or at validation (dynamo's own counters).
 Each inductor compile costs tens of seconds of C++ compilation on two cores, so the switches are
 compiled in five models rather than one each: the default model, config/modern.toml (shrunk to
 the tiny width), config/tiny-modern.toml as it is, every other switch at once (sparse experts
-among them), and dense experts; a test checks that these five set every switch. The steps are those of train.py (benchmarks/switches.py
+among them), and dense experts under muP; a test checks that these five set every switch. The steps are those of train.py (benchmarks/switches.py
 train_steps: step.wrap_model, step.accumulate_gradients, the optimizer and GradScaler), on the
 same tokens from the same initial weights, compiled and eager in the same process.
 """
@@ -43,7 +43,7 @@ MODELS = {
                            "--z_loss=1e-4", "--tie_weights=True", "--qkv_bias=True", "--init=gpt2",
                            "--pad_vocab=True", "--dropout=0.1", "--grad_clip=1.0"],
     "dense experts": [*TINY, "--vocab_size=256", "--n_expert=2", "--expert_top_k=1", "--moe_impl=dense",
-                      "--moe_draws=story"],
+                      "--moe_draws=story", "--parametrization=mup"],
 }
 # Compiled against eager, float32: the kernels differ (fused, reordered reductions), so the numbers
 # differ by float rounding: the losses by at most 1.1e-6 relative (measured). The weights after
@@ -52,7 +52,7 @@ MODELS = {
 # orthogonalises its update in bfloat16, so inputs that differ in the last bits round apart.
 # Measured over the whole model: 0.0002% (default) to 1.3% (modern.toml) of the distance moved.
 LOSS_RTOL, WEIGHT_RTOL = 1e-5, 0.05
-SHAPE = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size", "rope_base"}
+SHAPE = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size", "rope_base", "mup_base_width"}
 
 
 def configs(name):
