@@ -73,7 +73,7 @@ BAD = [
     (["--grad_clip=abc"], "--grad_clip expects float, got 'abc'"),
     (["--qkv_bias=maybe"], "--qkv_bias expects True or False"),
     (["--n_layer=2.5"], "--n_layer expects int"),
-    (["--lr_schedule=linear"], "lr_schedule must be one of constant, cosine, story"),
+    (["--lr_schedule=linear"], "lr_schedule must be one of constant, cosine, wsd, story"),
     (["--n_head=5"], "n_embd 768 is not divisible by n_head 5"),
     (["--max_iters"], "--max_iters needs a value"),
     (["missing.toml"], "preset missing.toml not found"),
