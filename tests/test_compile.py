@@ -4,8 +4,9 @@ not recompile between steps or at validation (dynamo's own counters).
 
 Each inductor compile costs tens of seconds of C++ compilation on two cores, so the switches are
 compiled in five models rather than one each: the default model, config/modern.toml (shrunk to
-the tiny width), config/tiny-modern.toml as it is, every other switch at once (sparse experts
-among them), and dense experts under muP; a test checks that these five set every switch. The steps are those of train.py (benchmarks/switches.py
+the tiny width), config/tiny-modern.toml (its own shape, a 256-token vocabulary), every other
+switch at once (sparse experts among them), and dense experts under muP; a test checks that
+these five set every switch. The steps are those of train.py (benchmarks/switches.py
 train_steps: step.wrap_model, step.accumulate_gradients, the optimizer and GradScaler), on the
 same tokens from the same initial weights, compiled and eager in the same process.
 """
@@ -37,7 +38,7 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32"]
 MODELS = {
     "default": [*TINY, "--vocab_size=256"],
     "modern.toml": [os.path.join(ROOT, "config", "modern.toml"), *TINY, "--vocab_size=256"],
-    "tiny-modern.toml": [os.path.join(ROOT, "config", "tiny-modern.toml")],
+    "tiny-modern.toml": [os.path.join(ROOT, "config", "tiny-modern.toml"), "--vocab_size=256"],  # its own shape
     "the other switches": [*TINY, "--vocab_size=250",
                            "--mlp=swiglu", "--n_expert=3", "--expert_top_k=2", "--moe_aux_loss=0.01",
                            "--z_loss=1e-4", "--tie_weights=True", "--qkv_bias=True", "--init=gpt2",
