@@ -24,6 +24,7 @@ IGNORED = RUNTIME_FIELDS | {"charts", "branch_from", "branch_step"}  # change ho
 # (a branched cooldown computes, bit for bit, the straight run of its length: gpt_interventions/branch.py)
 REPLICATE = {"seed", "data_seed"}       # differ between replicates of one configuration
 LENGTH = {"max_iters", "max_tokens"}    # differ between the budgets of one configuration
+DEFAULTS = {**dataclasses.asdict(GPTConfig()), **dataclasses.asdict(TrainConfig())}
 
 
 SPLITS = ("test", "val")
@@ -83,7 +84,9 @@ def load_run(run_dir, split="test"):
             rows = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError) as e:
         raise UsageError(f"{run_dir} is not a readable run directory ({e})") from None
-    config = {**model_config_of(meta["model"]), **meta["train"]}
+    # a field the run's version did not have yet takes its default: the switch it adds was off
+    # (model_config_of: where the behaviour before the field was not today's default)
+    config = {**DEFAULTS, **model_config_of(meta["model"]), **meta["train"]}
     name = config.get("run_name") or os.path.basename(os.path.normpath(run_dir))
     run = FinishedRun(name, run_dir, config, rows, None, split, None, meta.get("env", {}).get("world_size", 1),
                       budget=budget_of(meta, config, rows))
@@ -198,7 +201,7 @@ def import_results(path):
     only `grad_clip=3.5` differs from the baseline by exactly that. A true `reference` column marks
     a model to list beside the runs (original GPT-2, say) rather than a run."""
     rows = _read_rows(path)
-    defaults = {**dataclasses.asdict(GPTConfig()), **dataclasses.asdict(TrainConfig())}
+    defaults = DEFAULTS
     ours = set(defaults)
     runs, refs = [], []
     for i, row in enumerate(rows, start=1):

@@ -62,12 +62,6 @@ def test_help_lists_every_field_with_its_default(capsys):
             assert f"--{f.name}={f.default}" in out
 
 
-def test_readme_flag_table_matches_the_code():
-    from gpt_interventions.cli import markdown_table
-    with open(os.path.join(ROOT, "README.md")) as f:
-        assert markdown_table(CLASSES) in f.read()
-
-
 BAD = [
     (["--grad_clp=3"], "unknown flag --grad_clp (did you mean --grad_clip?)"),
     (["--grad_clip=abc"], "--grad_clip expects float, got 'abc'"),
