@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The project's GPU check: about 6 minutes on one H100/H200, run from the repository root
+# The project's GPU check: meant to fit in 8 minutes on one H100/H200, run from the repository root
 # (`make gpu-check`, or `bash benchmarks/gpu_check.sh`). Every step has its own time limit and a
 # failed step does not stop the rest; everything printed goes to $OUT/gpu-check.log (or
 # /tmp/gpu-check.log). Record its figures and failures in BENCHMARKS.md with the date and device.
 # It measures the 124M and 163M shapes (bf16 compiled, the story's float16 with a GradScaler, eager),
-# what --deterministic costs, the micro-batch --auto_batch_size finds, and runs train.py end to end
+# what --deterministic costs, every switch compiled in bfloat16 and in float16 + GradScaler against
+# eager (benchmarks/switches.py: a table of tokens/s, peak memory, graphs, graph breaks and loss
+# differences), the micro-batch --auto_batch_size finds, and runs train.py end to end
 # (periodic eval, checkpoints, a SIGTERM once the first checkpoint is written, the resume), then
 # eval.py and sample.py on the GPU. Nothing is downloaded: it uses the embedded corpus.
 # GPU_CHECK_DEVICE=cpu runs every step on tiny shapes on the CPU, to check that the commands still
@@ -35,12 +37,19 @@ if [ "$dev" = cpu ]; then  # tiny shapes, eager: only that every command still p
   bb=(--batch_size=4 --total_batch_size=0 --steps=2 --warmup=1); fast=(--compile=False)
   e2e=("${small[@]}" --batch_size=4 --compile=False --max_iters=30); auto=(--compile=False)
   ckpt=(--checkpoint_interval=10); evals=(--eval_tokens=4096); auto_exit=2  # auto: GPUs only
+  # dynamo's capture without code generation, two rows (tests/test_switches.py runs every row)
+  sw=(--device=cpu --tiny=True --backend=eager --budget=0 --warmup=1 --steps=1 --only=baseline,modern.toml)
 else
   gpt124=(--qkv_bias=True --tie_weights=True --device=cuda); gpt163=(--device=cuda)
   bb=(--batch_size=32 --total_batch_size=0 --steps=20 --warmup=5); fast=(--compile=True)
   e2e=(--device=cuda --batch_size=8 --max_iters=400); auto=(--device=cuda)
   ckpt=(--checkpoint_interval=50); evals=(--eval_tokens=0); auto_exit=0
+  sw=(--device=cuda --budget=150)  # rows by importance until 150 s have passed; the rest listed as not run
 fi
+field_of() {  # field_of LABEL KEY: the value bench.py printed for KEY in the step LABEL
+  awk -v start="== $1" -v key="$2" '$0 == start {on = 1} on && index($0, key " ") == 1 {v = substr($0, length(key) + 1);
+    sub(/^ +/, "", v)} on && /^-- / {on = 0} END {print v}' "$log"
+}
 
 say "gpu-check $(date -u +%FT%TZ) on $(hostname)"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$log"
@@ -56,6 +65,9 @@ step 240 "163M float16+GradScaler compiled" $py bench.py "${gpt163[@]}" --dtype=
 step 120 "124M bf16 eager" $py bench.py "${gpt124[@]}" --dtype=bfloat16 --compile=False "${bb[@]}"
 step 120 "124M bf16 eager deterministic" $py bench.py "${gpt124[@]}" --dtype=bfloat16 --compile=False \
   --deterministic=True "${bb[@]}"
+# 3b. Every switch and the modern stack compiled, bfloat16 and float16 + GradScaler, against eager:
+#     the table of benchmarks/switches.py (GPT-2 small's shape, batch 8, 2 + 3 steps a row).
+step 210 "every switch compiled" $py benchmarks/switches.py "${sw[@]}"
 # 4. End to end on the embedded corpus: train with periodic eval and checkpoints, SIGTERM once the
 #    first checkpoint is on disk (a preemption mid-run), the same command again to resume in
 #    place, then eval.py and sample.py on the GPU.
@@ -95,5 +107,13 @@ step 300 "experts sparse against dense" $py benchmarks/bench_moe.py "${moe[@]}"
 # --- end of 6.
 
 rm -rf "$work"
+# The speed targets (BENCHMARKS.md), from steps 1 and 2; MFU counts matmul FLOPs (model.flops_per_token).
+rate=$(field_of "124M bf16 compiled" tokens/s); mfu=$(field_of "163M float16+GradScaler compiled" mfu)
+meets() { awk -v v="${1//,/}" -v t="$2" 'BEGIN {print (v + 0 >= t ? "met" : sprintf("short: %.0f%% of it", 100 * v / t))}'; }
+say ""; say "== speed targets"
+say "GPT-2 124M (tied, QKV bias) bf16 compiled: ${rate:-not measured} tokens/s; target >= 500,000 on one H200:" \
+  "$([ -n "$rate" ] && meets "$rate" 500000 || echo "not measured")"
+say "the story's 163M float16 + GradScaler compiled: MFU ${mfu:-not measured}; target >= 45%:" \
+  "$(case "$mfu" in [0-9]*%*) meets "${mfu%%%*}" 45 ;; *) echo "not measured (no known peak)" ;; esac)"
 say ""; say "gpu-check done in ${SECONDS}s; full log: $log"
 if [ ${#failed[@]} -gt 0 ]; then say "FAILED: ${failed[*]}"; exit 1; fi

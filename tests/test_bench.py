@@ -4,6 +4,7 @@ speed but not results (pad_vocab, compile)."""
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -207,7 +208,12 @@ def test_the_gpu_check_runs_every_step_in_its_cpu_dry_mode(tmp_path):
              if line.startswith("-- ") and " exit " in line}
     assert exits.pop("auto micro-batch") == "2" and "searches a GPU's memory" in log  # GPUs only
     assert set(exits.values()) == {"0"} and {"124M bf16 compiled", "163M float16+GradScaler compiled",
-                                            "124M bf16 eager deterministic", "restart in place", "eval.py on the test split",
-                                            "sample.py"} <= set(exits), exits
+                                            "124M bf16 eager deterministic", "every switch compiled", "restart in place",
+                                            "eval.py on the test split", "sample.py"} <= set(exits), exits
+    assert "| modern.toml | float16 |" in log and "the table (" in log  # benchmarks/switches.py's rows
+    rate = next(line for line in log.splitlines() if line.startswith("GPT-2 124M (tied, QKV bias) bf16 compiled: "))
+    assert re.search(r"target >= 500,000 on one H200: short: \d+% of it$", rate)  # a tiny CPU model's tokens/s
+    assert "the story's 163M float16 + GradScaler compiled: MFU n/a (no known peak throughput for cpu); target >= " \
+        "45%: not measured (no known peak)" in log
     assert "stopped by SIGTERM after step" in log and "resuming" in log  # the preemption and the restart
     assert "tokens/s" in log and "mfu         n/a" in log and "sample/test loss" in log
