@@ -151,6 +151,11 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x)), None
 
 
+def matmul_weights(module):
+    """Entries of the Linear weights in module: each is one multiply-add per token forward."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -254,7 +259,7 @@ class GPT(nn.Module):
 
     def num_params(self):
         """Every parameter counted once (a tied head is not counted twice), embeddings included;
-        every expert counted (flops_per_token counts the ones a token uses)."""
+        every expert counted (flops_per_token counts the matmuls a token goes through)."""
         return sum(p.numel() for p in self.parameters())
 
     def body(self, idx):
@@ -338,11 +343,16 @@ class GPT(nn.Module):
         return total
 
     def flops_per_token(self):
-        """Training FLOPs per token: 6N for the matmuls plus 12*L*H*Q*T for attention (PaLM).
-        N counts the parameters a token uses: with experts, top_k of them (and the router)."""
+        """Training FLOPs per token: 6 per matmul weight a token meets (2 forward, 4 backward) plus
+        12*L*H*Q*T for attention's two T x T matmuls (PaLM). Matmuls only: the token and position
+        embeddings are lookups (a tied head is still a matmul, counted as the head), and biases,
+        norms and activations are not counted. With experts, the top_k experts a token is routed
+        to (and the router), not the ones the dense computation runs for nothing."""
         c = self.config
-        n = self.num_params() - (c.block_size * c.n_embd if c.position == "learned" else 0)  # wpe: no matmul
-        n -= sum(b.mlp.inactive_params() for b in self.transformer.h if isinstance(b.mlp, MoE))
+        n = matmul_weights(self)
+        for block in self.transformer.h:
+            if isinstance(block.mlp, MoE):
+                n -= (c.n_expert - c.expert_top_k) * matmul_weights(block.mlp.experts[0])
         return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
 
     @torch.no_grad()

@@ -75,10 +75,6 @@ class MoE(nn.Module):
         switching MoE on moves no other weight's draw."""
         return [self.router, *(m for expert in self.experts[1:] for m in expert.modules())]
 
-    def inactive_params(self):
-        """Parameters a token does not use: the n_expert - top_k experts it is not routed to."""
-        return (self.n_expert - self.top_k) * sum(p.numel() for p in self.experts[0].parameters())
-
 
 @torch.no_grad()
 def routing_fractions(model, x):
