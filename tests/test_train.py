@@ -12,12 +12,12 @@ import train
 from gpt_interventions import loader
 from gpt_interventions.checkpoint import load_checkpoint
 from gpt_interventions.errors import run_main
-from gpt_interventions.optimizer import configure_optimizer
+from gpt_interventions.optimizer import KERNEL_SETTINGS, configure_optimizer, load_optimizer_state
 from gpt_interventions.schedule import get_lr
 from gpt_interventions.shards import find_shards, read_tokens
 from gpt_interventions.step import step_seed
 from gpt_interventions.training import TrainConfig, make_plan
-from helpers import VOCAB, curve, make_shards, read_metrics, tiny_flags
+from helpers import VOCAB, curve, make_shards, read_metrics, stop_after, tiny_flags
 from model import GPT, GPTConfig
 
 
@@ -278,3 +278,44 @@ def test_a_resume_on_another_thread_count_and_a_restart_budget_without_the_store
     log = open(os.path.join(out, "log.txt")).read()
     assert f"note: the run used {threads} CPU threads and goes on with {threads + 1}" in log
     assert "launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in log
+
+
+# --- resuming on another device type -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("written_on, resumed_on", [("cpu", "cuda"), ("cuda", "cpu")], ids=["cpu-to-cuda", "cuda-to-cpu"])
+def test_resume_takes_the_optimizer_kernel_of_the_device_it_resumes_on(data_dir, tmp_path, monkeypatch, optimizer,
+                                                                      written_on, resumed_on):
+    # configure_optimizer builds a fused AdamW on CUDA; the CPU runs it too, so both ends of a
+    # float16 run that moves between device types run here: "cuda" is the optimizer CUDA builds
+    flags = dict(dtype="float16", optimizer=optimizer, max_iters=4, total_batch_size=128)
+    out = str(tmp_path / "run")
+
+    def as_on(device_type):
+        monkeypatch.setattr(train, "configure_optimizer", lambda model, tc, _: configure_optimizer(model, tc, device_type))
+    as_on(written_on)
+    stop_after(monkeypatch, 1)
+    run(data_dir, out, **flags)
+    monkeypatch.undo()
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["step"] == 2 and ckpt["optimizer"]["param_groups"][0]["fused"] == (written_on == "cuda")
+
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    resumed = configure_optimizer(model, TrainConfig(**ckpt["train_config"]), resumed_on)
+    fresh = [{k: g[k] for k in KERNEL_SETTINGS if k in g} for g in resumed.param_groups]
+    load_optimizer_state(resumed, ckpt["optimizer"])
+    again = resumed.state_dict()
+    for group, saved, kernel in zip(again["param_groups"], ckpt["optimizer"]["param_groups"], fresh):
+        assert {k: group[k] for k in kernel} == kernel  # the resuming device's kernel
+        assert {k: v for k, v in group.items() if k not in kernel} == {k: v for k, v in saved.items() if k not in kernel}
+    assert again["state"].keys() == ckpt["optimizer"]["state"].keys()
+    for i, state in ckpt["optimizer"]["state"].items():
+        assert again["state"][i].keys() == state.keys()
+        for name, t in state.items():
+            assert torch.equal(again["state"][i][name], t), (i, name)
+
+    as_on(resumed_on)  # the run itself steps on (a float16 GradScaler hands found_inf to fused AdamW only)
+    run(data_dir, out, resume=True, **flags)
+    assert [r["step"] for r in curve(out)] == [1, 2, 3, 4]
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["optimizer"]["param_groups"][0]["fused"] == (resumed_on == "cuda")
