@@ -100,7 +100,7 @@ def bench(mc, tc, bc, d, tmp):
 
     def step():
         batches = (loader.batch(state["step"], micro) for micro in range(plan.accum))
-        accumulate_gradients(ddp_model, model, optimizer, scaler, batches, plan.accum, ctx, d, tc)
+        accumulate_gradients(ddp_model, model, optimizer, scaler, batches, plan.accum, ctx, d, tc, state["step"])
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

@@ -61,12 +61,12 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList([expert(config) for _ in range(config.n_expert)])
         self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
 
-    def forward(self, x):
-        h = x.flatten(0, 1)  # (N, C) tokens
+    def forward(self, x, keys=None):
+        h = x.flatten(0, 1)  # (N, C) tokens, each sequence's T in a row (the experts' dropout keys them so)
         gates, probs, chosen = route(self.router(h), self.top_k)  # (N, E), (N, E), (N, k)
-        y = gates[:, :1] * self.experts[0](h)  # dense: every expert on every token, zero gate if not chosen
+        y = gates[:, :1] * self.experts[0](h, keys)  # dense: every expert on every token, zero gate if not chosen
         for e in range(1, self.n_expert):
-            y = y + gates[:, e:e + 1] * self.experts[e](h)
+            y = y + gates[:, e:e + 1] * self.experts[e](h, keys)
         return y.view_as(x), balance_loss(probs, chosen)
 
     def drawn_late(self):

@@ -15,7 +15,6 @@ from gpt_interventions.errors import run_main
 from gpt_interventions.optimizer import KERNEL_SETTINGS, configure_optimizer, load_optimizer_state
 from gpt_interventions.schedule import get_lr
 from gpt_interventions.shards import find_shards, read_tokens
-from gpt_interventions.step import step_seed
 from gpt_interventions.training import TrainConfig, make_plan
 from helpers import VOCAB, curve, make_shards, read_metrics, stop_after, tiny_flags
 from model import GPT, GPTConfig
@@ -115,11 +114,13 @@ def test_run_directory_contents(data_dir, tmp_path):
     assert row["mfu"] is None  # no known peak for a CPU: no invented number
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("batch_size", [4, 2])
-def test_gradient_accumulation_gives_the_same_losses(data_dir, tmp_path, batch_size):
-    # 256 tokens per step = 8 sequences of 32: 1 x 8 against 2 x 4 and 4 x 2 micro-batches
-    ref = curve(run(data_dir, tmp_path / "ref", batch_size=8))
-    other = curve(run(data_dir, tmp_path / "acc", batch_size=batch_size))
+def test_gradient_accumulation_gives_the_same_losses(data_dir, tmp_path, batch_size, dropout):
+    # 256 tokens per step = 8 sequences of 32: 1 x 8 against 2 x 4 and 4 x 2 micro-batches; with
+    # dropout too, as its masks are keyed by each sequence's index in the step
+    ref = curve(run(data_dir, tmp_path / "ref", batch_size=8, dropout=dropout))
+    other = curve(run(data_dir, tmp_path / "acc", batch_size=batch_size, dropout=dropout))
     assert [r["tokens"] for r in ref] == [r["tokens"] for r in other]
     for a, b in zip(ref, other):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
@@ -201,14 +202,18 @@ def test_weight_decay_groups_cover_every_parameter_once():
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
-    forward = GPT.forward
+    forward, batch, now = GPT.forward, loader.TrainLoader.batch, {}
+
+    def reading(self, step, micro):  # the step the forward below belongs to
+        now["step"] = step
+        return batch(self, step, micro)
 
     def explode_after_step_6(self, idx, targets=None, **objective):  # objective: the forward's loss coefficients
         logits, loss = forward(self, idx, targets, **objective)
-        if self.training and torch.initial_seed() == explode_after_step_6.seed_at_7:
+        if self.training and now.get("step") == 7:
             loss = loss * float("nan")
         return logits, loss
-    explode_after_step_6.seed_at_7 = step_seed(TrainConfig().seed, 7, 0)
+    monkeypatch.setattr(loader.TrainLoader, "batch", reading)
     monkeypatch.setattr(GPT, "forward", explode_after_step_6)
     with pytest.raises(SystemExit) as e:
         run_main(train.main, tiny_flags(data_dir, str(tmp_path / "nan"), checkpoint_interval=4, log_interval=4))
