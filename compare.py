@@ -1,7 +1,7 @@
 """Compare runs: test losses, deltas from a baseline, the run-to-run noise, and verdicts.
 
-    python compare.py out/base-* out/gc-* [--baseline=RUN] [--markdown] [--json] [--usd_per_hour=2.5]
-                      [--charts=DIR] [--noise_from=RUN | --noise_std=0.0017] [--correction=holm]
+    python compare.py out/base-* out/gc-* [--baseline=RUN] [--split=test|val] [--markdown] [--json]
+                      [--usd_per_hour=2.5] [--charts=DIR] [--noise_from=RUN | --noise_std=0.0017] [--correction=holm]
                       [--reference=gpt2 [--ledger=results.jsonl]] [--results=FILE]
 
 A run's interventions are its config's differences from the baseline's. Runs whose configs differ
@@ -14,6 +14,10 @@ verdicts of one table are corrected as a family (Holm by default), so that ten c
 --reference adds models scored by eval.py (original GPT-2 weights, say) from its results ledger.
 Runs scored with `eval.py RUN --task=hellaswag` get a HellaSwag acc_norm column and a second
 verdict table for it, judged the same way from the runs' spread (higher is better).
+A run's test loss is eval.py's float32 score of its final checkpoint (gpt_interventions/
+eval_results.py); a run without one is left out of the verdicts, listed, and never judged on its
+validation loss beside test losses (--split=val judges every run on validation). A baseline
+without a loss is refused.
 """
 
 import dataclasses
@@ -23,7 +27,8 @@ from dataclasses import dataclass
 
 from gpt_interventions.cli import field, parse_config
 from gpt_interventions.errors import UsageError, run_main
-from gpt_interventions.results import diff, find, group_runs, import_results, load_runs
+from gpt_interventions.results import (SPLIT_HELP, SPLITS, diff, find, group_runs, import_results, judged_lines,
+                                       load_runs)
 from gpt_interventions.stats import CORRECTIONS, TESTS, format_p, summary
 from gpt_interventions.tables import table
 from gpt_interventions.verdicts import judge, noise_sources
@@ -34,6 +39,7 @@ USAGE = "RUN_DIR_OR_GLOB... [--key=value ...]   (or --results=FILE)"
 @dataclass
 class CompareConfig:
     baseline: str = field("", "baseline run (its name or directory); default: the first run given")
+    split: str = field("test", SPLIT_HELP, choices=SPLITS)
     markdown: bool = field(False, "print Markdown tables, ready to paste into interventions.md")
     json: bool = field(False, "print one JSON object (runs, groups with their tests, noise) instead of tables")
     usd_per_hour: float = field(0.0, "price of one GPU-hour: adds a cost column; 0: no cost column")
@@ -52,6 +58,9 @@ class CompareConfig:
                                "as eval.py was given them (e.g. gpt2): each one's latest matching test row "
                                "in --ledger")
     ledger: str = field("results.jsonl", "eval.py's results ledger, read for --reference")
+
+
+ACCURACY = "hellaswag/val"  # what the accuracy verdicts judge
 
 
 @dataclass
@@ -116,14 +125,14 @@ def accuracy_text(acc):
 
 def run_table(runs, baseline, base_mean, cc, refs=()):
     scored = any(r.accuracy is not None for r in runs)  # the HellaSwag column only when a run has it
-    headers = ["run", "interventions", "seed", "test loss", "delta", *(["hellaswag"] if scored else []),
+    headers = ["run", "interventions", "seed", f"{cc.split} loss", "delta", *(["hellaswag"] if scored else []),
                "train loss", "tokens", "wall", "tok/s"]
     headers += ["cost (USD)"] if cc.usd_per_hour else []
     rows = []
     for r in runs:
         seed = f"{r.config.get('seed')}" + (f"/d{r.config['data_seed']}" if r.config.get("data_seed") else "")
-        loss = "n/a" if r.loss is None else f"{r.loss:.6f}" + ("" if r.source == "test" else " (val)")
-        delta = "" if r.loss is None or base_mean is None else f"{r.loss - base_mean:+.6f}"
+        loss = "n/a" if r.loss is None else f"{r.loss:.6f}"
+        delta = "" if r.loss is None else f"{r.loss - base_mean:+.6f}"
         train, tokens, wall = r.last("loss"), r.last("tokens") or 0, r.wall_s
         row = [r.name, diff(r.config, baseline.config) or "baseline", seed, loss, delta,
                *([accuracy_text(r.accuracy)] if scored else []), f"{train:.4f}" if train is not None else "n/a",
@@ -131,7 +140,7 @@ def run_table(runs, baseline, base_mean, cc, refs=()):
         row += [f"{wall / 3600 * r.world_size * cc.usd_per_hour:.2f}"] if cc.usd_per_hour else []
         rows.append(row)
     for ref in refs:
-        delta = "" if base_mean is None else f"{ref.loss - base_mean:+.6f}"
+        delta = f"{ref.loss - base_mean:+.6f}"
         acc = [accuracy_text(ref.accuracy)] if scored else []
         rows.append([ref.name, "reference (eval.py)", "", f"{ref.loss:.6f}", delta, *acc]
                     + [""] * (len(headers) - 5 - len(acc)))
@@ -145,13 +154,14 @@ def verdict_text(c):
     return f"{c.verdict} ({c.correction})"
 
 
-def group_table(rows, cc):
-    headers = ["group", "interventions", "n", "mean", "std", "delta", "95% interval", "p", "p adj.",
+def group_table(rows, cc, split):
+    """The verdicts; `split`: what every row's values are (test or val loss, hellaswag/val)."""
+    headers = ["group", "interventions", "split", "n", "mean", "std", "delta", "95% interval", "p", "p adj.",
                "verdict", "test"]
     out = []
     for r in rows:
         std = f"{r.std:.6f}" if r.std is not None else "n/a"
-        head = [r.group.runs[0].name + (f" +{r.n - 1}" if r.n > 1 else ""), r.group.label, str(r.n),
+        head = [r.group.runs[0].name + (f" +{r.n - 1}" if r.n > 1 else ""), r.group.label, split, str(r.n),
                 f"{r.mean:.6f}", std]
         c = r.comparison
         if c is None:
@@ -182,12 +192,13 @@ def noise_lines(sources, noise, rows, cc):
     return lines
 
 
-def json_rows(rows, cc):
+def json_rows(rows, cc, split):
     """The verdict table's rows as plain data."""
     out_rows = []
     for r in rows:
         c = r.comparison
-        row = {"group": r.group.label, "run": r.group.runs[0].name, "runs": [x.name for x in r.group.runs],
+        row = {"group": r.group.label, "run": r.group.runs[0].name, "split": split,
+               "runs": [x.name for x in r.group.runs if x.loss is not None],
                "n": r.n, "mean": r.mean, "std": r.std, "delta": 0.0 if c is None else c.delta,
                "ci_low": None, "ci_high": None, "p": None, "p_adjusted": None, "test": "",
                "verdict": "baseline", "correction": cc.correction, "detectable": r.detectable}
@@ -201,21 +212,23 @@ def json_rows(rows, cc):
     return out_rows
 
 
-def report(runs, rows, refs, base_mean, sources, noise, cc, accuracy=None):
+def report(runs, baseline, rows, refs, base_mean, sources, noise, cc, accuracy=None):
     """The --json object; accuracy: the HellaSwag verdicts (rows, sources, noise) when runs have them."""
     group_of = {id(run): r.group.label for r in rows for run in r.group.runs}
-    out = {"baseline": rows[0].group.runs[0].name if rows else None, "correction": cc.correction,
-            "rows": json_rows(rows, cc),
+    out = {"baseline": baseline.name, "split": cc.split, "correction": cc.correction,
+            "rows": json_rows(rows, cc, cc.split),
             "runs": [{"run": x.name, "dir": x.dir, "group": group_of.get(id(x)), "seed": x.config.get("seed"),
-                      "data_seed": x.config.get("data_seed"), "loss": x.loss, "source": x.source} for x in runs],
-            "references": [{"name": f.name, "loss": f.loss, "delta": None if base_mean is None else f.loss - base_mean}
+                      "data_seed": x.config.get("data_seed"), "loss": x.loss, "source": x.source,
+                      "scored": x.scored or None, "left_out": x.missing or None} for x in runs],
+            "references": [{"name": f.name, "loss": f.loss, "delta": f.loss - base_mean}
                            for f in refs],
             **noise_json(sources, noise)}
     if accuracy is not None:
         acc_rows, acc_sources, acc_noise = accuracy
         out["runs"] = [{**r, "hellaswag": x.accuracy} for r, x in zip(out["runs"], runs)]
         out["references"] = [{**r, "hellaswag": f.accuracy} for r, f in zip(out["references"], refs)]
-        out["hellaswag"] = {"metric": "acc_norm", "rows": json_rows(acc_rows, cc), **noise_json(acc_sources, acc_noise)}
+        out["hellaswag"] = {"metric": "acc_norm", "rows": json_rows(acc_rows, cc, ACCURACY),
+                            **noise_json(acc_sources, acc_noise)}
     return out
 
 
@@ -224,11 +237,8 @@ def noise_json(sources, noise):
             "noise_used": None if noise is None else {"std": noise[0], "n": noise[1], "from": noise[2]}}
 
 
-def notes(runs):
-    out = []
-    if any(r.source == "val" for r in runs):
-        out.append("(val): no test evaluation in the run's eval.json; the last validation loss stands in "
-                   "(run `python eval.py RUN_DIR --dataset=...` for the test loss)")
+def notes(runs, split):
+    out = judged_lines(runs, split)
     budgets = {(r.config["dataset"], r.test_tokens) for r in runs if r.source == "test" and r.test_tokens}
     if len(budgets) > 1:
         out.append("warning: test losses come from different datasets or token budgets: "
@@ -237,10 +247,6 @@ def notes(runs):
     if len(counts) > 1:
         out.append("warning: HellaSwag accuracies come from different numbers of examples: "
                    + ", ".join(map(str, sorted(counts))))
-    if any(r.loss is None and r.source != "nonfinite" for r in runs):
-        out.append("n/a: a run with neither a test nor a validation loss")
-    if any(r.source == "nonfinite" for r in runs):
-        out.append("n/a: a run whose loss is not finite (it diverged) is left out of the verdicts")
     return out
 
 
@@ -268,33 +274,42 @@ def main(argv):
     (cc,), patterns, _ = parse_config(argv, [CompareConfig], "compare.py", USAGE, max_positionals=10 ** 6)
     if not patterns and not cc.results:
         raise UsageError(f"which runs? usage: compare.py {USAGE}")
-    runs = load_runs(patterns) if patterns else []
+    if (cc.results or cc.reference) and cc.split != "test":
+        raise UsageError(f"--results and --reference give test losses and --split={cc.split} judges another "
+                         "split: give one or the other")
+    runs = load_runs(patterns, cc.split) if patterns else []
     imported_refs = []
     if cc.results:
         imported, imported_refs = import_results(cc.results)
         runs += imported
     baseline = find(runs, cc.baseline, "baseline") if cc.baseline else runs[0]
     groups = group_runs(runs, baseline)
+    if not groups[0].losses:  # nothing could be judged: refuse rather than print a table of "baseline"
+        others = [r.name for r in runs if r.loss is not None]
+        instead = (f"name another with --baseline=RUN (runs with one: {', '.join(others)})" if others else
+                   "no run has one" + (" (judge validation losses: --split=val)" if cc.split == "test" else ""))
+        raise UsageError(f"baseline {baseline.name} has no {cc.split} loss to judge against ({baseline.missing}); "
+                         f"{instead}")
     noise = pick_noise(cc, runs, groups)
     rows = judge(groups, noise, cc.correction, test=cc.test)
     refs = load_references([s.strip() for s in cc.reference.split(",") if s.strip()], cc.ledger, runs)
     refs += [Reference(name, loss, None) for name, loss in imported_refs]
-    base_mean = summary(groups[0].losses)[0] if groups[0].losses else None
+    base_mean = summary(groups[0].losses)[0]
     sources = noise_sources(groups)
     accuracy = judge_accuracy(runs, baseline, cc)
     if cc.json:
-        print(json.dumps(report(runs, rows, refs, base_mean, sources, noise, cc, accuracy), indent=2))
+        print(json.dumps(report(runs, baseline, rows, refs, base_mean, sources, noise, cc, accuracy), indent=2))
     else:
         print(run_table(runs, baseline, base_mean, cc, refs))
         print()
-        print(group_table(rows, cc))
-        for line in noise_lines(sources, noise, rows, cc) + notes(runs):
+        print(group_table(rows, cc, cc.split))
+        for line in noise_lines(sources, noise, rows, cc) + notes(runs, cc.split):
             print(line)
         if accuracy is not None:
             acc_rows, acc_sources, acc_noise = accuracy
             print()
             print("HellaSwag acc_norm (higher is better):")
-            print(group_table(acc_rows, cc) if acc_rows else "no verdicts: the baseline has no HellaSwag "
+            print(group_table(acc_rows, cc, ACCURACY) if acc_rows else "no verdicts: the baseline has no HellaSwag "
                   f"accuracy (python eval.py {baseline.dir} --task=hellaswag)")
             for line in noise_lines(acc_sources, acc_noise, acc_rows, cc):
                 print(f"hellaswag {line}")

@@ -21,8 +21,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-from gpt_interventions import hellaswag
-from gpt_interventions.atomic import write_json
+from gpt_interventions import eval_results, hellaswag
 from gpt_interventions.cli import field, parse_config
 from gpt_interventions.device import print0, set_tf32, setup_dist, teardown_dist
 from gpt_interventions.errors import UsageError, run_main
@@ -152,20 +151,14 @@ def stamp():
 
 
 def record(row, ledger):
-    """Append to the ledger; for one of our runs also keep the latest result per split in eval.json
-    (under dataset/split, or hellaswag/val for --task=hellaswag)."""
+    """Append to the ledger; for one of our runs also keep the result in its eval.json, one row
+    per checkpoint and evaluation settings (gpt_interventions/eval_results.py)."""
     if ledger:
         with open(ledger, "a") as f:
             f.write(json.dumps(row) + "\n")
     run_dir = os.path.dirname(row["checkpoint"]) if row["source"] == "checkpoint" else None
     if run_dir is not None and os.path.isfile(os.path.join(run_dir, "config.json")):  # train.py wrote it
-        path = os.path.join(run_dir, "eval.json")
-        results = {}
-        if os.path.isfile(path):
-            with open(path) as f:
-                results = json.load(f)
-        results[f"{row.get('task') or row['dataset']}/{row['split']}"] = row
-        write_json(path, results)
+        eval_results.record(run_dir, row)
 
 
 def duration(seconds):

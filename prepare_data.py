@@ -7,16 +7,15 @@
 
 Stage 1 tokenizes each source file (read by gpt_interventions/sources.py), in order, with a process pool into a
 cache file of its documents' tokens and split keys (data/NAME/.cache/); a finished file's cache is reused, so an
-interrupted run resumes where it stopped. Stage 2 assembles the caches into shards in a staging
-folder and moves them into place, meta.json last, so no half-prepared split looks complete.
+interrupted run resumes where it stopped. A cache is keyed by all that shapes it (the file's content or hub
+commit, the text and id fields, the tokenizer) and holds nothing a split flag decides, so a rerun with other
+flags reuses it correctly. Stage 2 assembles the caches into shards in a staging folder and moves them into
+place, meta.json last, so no half-prepared split looks complete.
 
-Splits. A document's split key is sha256 of its identity (FineWeb's `id`, else its text), as a
-number in [0, 1). Documents with key < holdout_frac are held out and never trained on; the others
-are the training split, in file order, capped at max_tokens. The test split is the held-out
-documents of the first pool files taken in key order up to test_tokens, the val split the next
-ones up to val_tokens; the pool files are the shortest prefix of the file list that holds enough
-held-out tokens. So the same document always lands in the same split, and val/test do not change
-when max_tokens (or the number of files downloaded) changes.
+Splits (gpt_interventions/splits.py): a hash of each document's identity decides whether it is held
+out; the test split depends on the files, holdout_frac and test_tokens only. fineweb and
+fineweb-edu take the hub's holdout and budgets whether their parquet files come from the hub or
+from --input, so a local copy of the files gives the hub route's splits.
 """
 
 import glob
@@ -36,8 +35,9 @@ from gpt_interventions.atomic import atomic_write, write_json
 from gpt_interventions.cli import field, parse_config
 from gpt_interventions.errors import UsageError, run_main
 from gpt_interventions import story_data
-from gpt_interventions.shards import HEADER_BYTES, MAGIC, VERSION, ShardWriter, sha256_file
+from gpt_interventions.shards import HEADER_BYTES, MAGIC, MAX_SHARD_TOKENS, VERSION, ShardWriter, sha256_file
 from gpt_interventions.sources import hub_call, hub_download, hub_listing, hub_revision, local_files, read_documents
+from gpt_interventions.splits import Prefixes, held_out_docs, held_out_splits, split_key
 from gpt_interventions.tokenizer import EOT, get_tokenizer
 
 USAGE = "--dataset=NAME [--input=PATH_OR_GLOB] [--key=value ...]"
@@ -45,8 +45,14 @@ SAMPLE = os.path.join(ROOT, "assets", "corpus", "c4-sample-1000.jsonl.gz")
 # hub datasets: (repository, folder of the subset's parquet files)
 HUB = {"fineweb": "HuggingFaceFW/fineweb", "fineweb-edu": "HuggingFaceFW/fineweb-edu"}
 KNOWN = ["sample", *HUB, "story"]
+# a hub dataset's splits, from the hub or a local copy of its files (--input)
 HUB_BUDGETS = {"val_tokens": 10 * 2**20, "test_tokens": 20 * 2**20}  # fixed, about 1.5% of a file
 HOLDOUT = {"hub": 0.05, "local": 0.1}
+BUDGET_RULE = {"test": "key order, from the first pool_files.test files, up to test_tokens",
+               "val": "the others in key order, from the first pool_files.val files, up to val_tokens"}
+PROPORTIONAL_RULE = {"test": "key < holdout_frac / 2, every file", "val": "the other held-out documents"}
+# what shapes a cached file besides its identity and fields: bump when tokens or keys change
+CACHE_RULE = "v2: EOT + encode_ordinary(text) per document; key sha256('id:'+id or 'text:'+text)[:8]"
 
 
 @dataclass
@@ -81,12 +87,6 @@ def _init_worker():
     _enc = get_tokenizer()
 
 
-def split_key(doc_id, text):
-    """64-bit split key of a document: a hash of its identity, independent of where it was read."""
-    ident = ("id:" + doc_id) if doc_id is not None else ("text:" + text)
-    return int.from_bytes(hashlib.sha256(ident.encode("utf-8", "surrogatepass")).digest()[:8], "big")
-
-
 def encode_batch(docs):
     """[(id or None, text)] -> (uint16 tokens with EOT before each document, lengths, keys)."""
     if _enc is None:
@@ -111,8 +111,9 @@ def cache_paths(cache_dir, ident):
     return stem + ".tokens", stem + ".index.npz", stem + ".json"
 
 
-def tokenize_file(path, ident, cfg, cache_dir, pool, holdout):
-    """Tokenize one file into its cache (reused when already complete); returns its summary."""
+def tokenize_file(path, ident, cfg, cache_dir, pool):
+    """Tokenize one file into its cache (reused when already complete); returns its summary, which
+    like the cache depends on nothing but the file and `ident`."""
     tok_path, idx_path, sum_path = cache_paths(cache_dir, ident)
     if os.path.exists(sum_path):
         with open(sum_path) as f:
@@ -135,9 +136,7 @@ def tokenize_file(path, ident, cfg, cache_dir, pool, holdout):
     keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
     atomic_write(idx_path, lambda f: np.savez(f, lens=lens, keys=keys))
     os.replace(tok_path + ".tmp", tok_path)
-    held = keys < holdout
-    summary = {"file": ident, "docs": int(lens.size), "tokens": n_tokens,
-               "heldout_tokens": int(lens[held].sum()), "train_tokens": int(lens[~held].sum())}
+    summary = {"file": ident, "docs": int(lens.size), "tokens": n_tokens}
     write_json(sum_path, summary)  # written last: its presence marks a complete cache
     print(f"tokenized {os.path.basename(path)}: {summary['docs']:,} docs, {n_tokens:,} tokens "
           f"({n_tokens / max(time.time() - t0, 1e-9):,.0f} tokens/s)", flush=True)
@@ -148,37 +147,9 @@ def tokenize_file(path, ident, cfg, cache_dir, pool, holdout):
 # stage 2: caches -> shards
 
 
-def held_out_splits(pool, budgets, holdout):
-    """{split: [(file index, start, length)]} from the pool's (key, file index, start, length).
-
-    With budgets, test takes documents in key order up to test_tokens (the last one cut at the
-    budget), then val the next ones up to val_tokens. Without (a local corpus, proportional
-    splits), test is the held-out documents with key < holdout / 2 and val the rest, whole.
-    """
-    pool = sorted(pool)
-    if budgets is None:
-        half = int(holdout) // 2
-        out = {"test": [d[1:] for d in pool if d[0] < half], "val": [d[1:] for d in pool if d[0] >= half]}
-        for split, docs in out.items():
-            if not docs:
-                raise UsageError(f"the corpus is too small: no document falls in its {split} split; add "
-                                 "documents, raise --holdout_frac, or set --val_tokens and --test_tokens")
-        return out
-    out, docs = {}, iter(pool)
-    for split in ("test", "val"):  # test first: its documents do not depend on val_tokens
-        out[split], need = [], budgets[split]
-        while need > 0:
-            doc = next(docs, None)
-            if doc is None:
-                return None  # the pool is too small for the budgets
-            _, i, start, length = doc
-            out[split].append((i, start, min(length, need)))
-            need -= min(length, need)
-    return out
-
-
 def assemble(files, cache_dir, staging, cfg, holdout, budgets, pool_files):
-    """Write the train, test and val shards into `staging`; returns per-split summaries."""
+    """Write the train, test and val shards into `staging`; returns per-split summaries.
+    pool_files: {split: the number of files, from the first, its documents are drawn from}."""
     train = ShardWriter(staging, "train", cfg.shard_tokens)
     remaining = cfg.max_tokens or float("inf")
     pool = []  # (key, file index, start, length) of held-out documents in the pool files
@@ -196,17 +167,17 @@ def assemble(files, cache_dir, staging, cfg, holdout, budgets, pool_files):
             span = tokens[starts[lo]:starts[hi - 1] + lens[hi - 1]] if hi > lo else tokens[:0]
             mask = np.repeat(~held[lo:hi], lens[lo:hi])
             chosen = np.asarray(span[mask])[: int(min(remaining, 2**62))]
-            train.add(chosen, int((~held[lo:hi]).sum()))
+            train.add(chosen)
             remaining -= chosen.size
-        if i < pool_files:
+        if i < pool_files["val"]:  # val's prefix holds test's
             pool += [(int(keys[j]), i, int(starts[j]), int(lens[j])) for j in np.flatnonzero(held)]
         del tokens
     out = {"train": train.close()}
-    for split, docs in held_out_splits(pool, budgets, holdout).items():
+    for split, docs in held_out_splits(pool, budgets, holdout, pool_files["test"]).items():
         writer = ShardWriter(staging, split, cfg.shard_tokens)
         for i, start, length in docs:
             tok_path = cache_paths(cache_dir, files[i])[0]
-            writer.add(np.fromfile(tok_path, dtype=np.uint16, count=length, offset=2 * start), 1)
+            writer.add(np.fromfile(tok_path, dtype=np.uint16, count=length, offset=2 * start))
         out[split] = writer.close()
     return out
 
@@ -228,8 +199,14 @@ def check_config(cfg):
             raise UsageError(f"--{name} must be 0 or positive, got {getattr(cfg, name)}")
     if cfg.shard_tokens <= 0:
         raise UsageError(f"--shard_tokens must be positive, got {cfg.shard_tokens}")
+    if cfg.shard_tokens > MAX_SHARD_TOKENS:  # else it overflows the header after buffering gigabytes
+        raise UsageError(f"--shard_tokens must be at most {MAX_SHARD_TOKENS:,} (the shard header's int32 "
+                         f"token count), got {cfg.shard_tokens:,}")
     if not 0 <= cfg.holdout_frac < 1:
         raise UsageError(f"--holdout_frac must be in [0, 1), got {cfg.holdout_frac}")
+    if 0 < cfg.holdout_frac * 2**64 < 1:
+        raise UsageError(f"--holdout_frac={cfg.holdout_frac} holds out no document (split keys are "
+                         "multiples of 2^-64); use a larger fraction")
     if cfg.dataset == "story":
         if cfg.input and not os.path.isdir(cfg.input):
             raise UsageError(f"--input={cfg.input} is not a directory; for --dataset=story give the directory "
@@ -237,8 +214,7 @@ def check_config(cfg):
         return
     if cfg.test_offset:
         raise UsageError("--test_offset is for --dataset=story only")
-    hub = not cfg.input and cfg.dataset in HUB
-    if not hub and (cfg.val_tokens == 0) != (cfg.test_tokens == 0):
+    if cfg.dataset not in HUB and (cfg.val_tokens == 0) != (cfg.test_tokens == 0):
         raise UsageError("for a local corpus set both --val_tokens and --test_tokens, or neither")
 
 
@@ -251,92 +227,115 @@ def settings(cfg):
     return {k: v for k, v in asdict(cfg).items() if k not in ignored}
 
 
+def local_inputs(cfg):
+    """[(path, identity)] of a local corpus's files, the identity its name and content (so an edited
+    or added file is seen); None for the hub and the story."""
+    if cfg.dataset == "story" or (not cfg.input and cfg.dataset in HUB):
+        return None
+    paths = [SAMPLE] if not cfg.input else local_files(cfg.input)
+    return [(p, f"{os.path.basename(p)}@{sha256_file(p)}") for p in paths]
+
+
 def main(argv):
     (cfg,), _, _ = parse_config(argv, [PrepConfig], "prepare_data.py", USAGE)
     check_config(cfg)
     out_dir = os.path.join(cfg.data_dir, cfg.dataset)
     meta_path = os.path.join(out_dir, "meta.json")
-    old = None
+    old, inputs = None, local_inputs(cfg)
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             old = json.load(f)
-        if old.get("settings") == settings(cfg):
+        old_settings = old.get("settings", {})
+        old_inputs = old.get("source", {}).get("inputs")
+        same_inputs = inputs is None or old_inputs == [ident for _, ident in inputs]
+        if old_settings == settings(cfg) and same_inputs:
             print(f"{out_dir} is already prepared with these settings (meta.json); nothing to do")
             return
-        if not cfg.overwrite:
-            changed = [f"{k}: {old.get('settings', {}).get(k)!r} -> {v!r}" for k, v in settings(cfg).items()
-                       if old.get("settings", {}).get(k) != v]
+        if not cfg.overwrite and old_settings != settings(cfg):
+            changed = [f"{k}: {old_settings.get(k)!r} -> {v!r}" for k, v in settings(cfg).items()
+                       if old_settings.get(k) != v]
             raise UsageError(f"{out_dir} was prepared with other settings ({'; '.join(changed)}); "
                              "use another --dataset name, or --overwrite to replace it")
-    meta = (prepare_story if cfg.dataset == "story" else prepare_corpus)(cfg, out_dir, old)
+        if not cfg.overwrite:  # the same settings, but the files they read changed (or were not recorded)
+            gone = sorted(set(old_inputs or []) - {ident for _, ident in inputs})
+            then = f"{len(old_inputs)} files then" if old_inputs is not None else "files not recorded then"
+            raise UsageError(f"{out_dir} was prepared from other input files ({then}, {len(inputs)} now"
+                             + (f"; {gone[0]} is gone or changed" if gone else "") +
+                             "); use another --dataset name, or --overwrite to replace it")
+    if cfg.dataset == "story":
+        meta = prepare_story(cfg, out_dir, old)
+    else:
+        meta = prepare_corpus(cfg, out_dir, old, inputs)
     splits = meta["splits"]
     print(f"prepared {out_dir}: " + ", ".join(
         f"{s} {v['documents']:,} docs {v['tokens']:,} tokens in {len(v['shards'])} shard(s)" for s, v in splits.items()))
 
 
-def prepare_corpus(cfg, out_dir, old):
+def prepare_corpus(cfg, out_dir, old, inputs):
     """Tokenize a text corpus (the sample, a hub dataset or local files) into split shards."""
-    hub = not cfg.input and cfg.dataset in HUB
-    holdout_frac = cfg.holdout_frac or HOLDOUT["hub" if hub else "local"]
+    hub_splits = cfg.dataset in HUB  # from the hub or a local copy of its files: the hub's splits
+    holdout_frac = cfg.holdout_frac or HOLDOUT["hub" if hub_splits else "local"]
     holdout = np.uint64(int(holdout_frac * 2**64))
-    if hub:
+    if hub_splits:
+        budgets = {k.split("_")[0]: getattr(cfg, k) or HUB_BUDGETS[k] for k in HUB_BUDGETS}
+    else:
+        budgets = {"val": cfg.val_tokens, "test": cfg.test_tokens}  # 0: proportional, decided below
+    if inputs is None:
         repo = HUB[cfg.dataset]
         sha, names = hub_listing(repo, cfg.subset, pinned(cfg, old))
         source = {"kind": "hub", "repo": repo, "subset": cfg.subset, "revision": cfg.revision, "revision_sha": sha}
-        budgets = {k.split("_")[0]: getattr(cfg, k) or HUB_BUDGETS[k] for k in HUB_BUDGETS}
         fetch = lambda name: hub_download(repo, name, sha)
         idents = [f"{repo}@{sha}/{n}" for n in names]
     else:
-        paths = [SAMPLE] if not cfg.input else local_files(cfg.input)
-        source = {"kind": "local", "input": cfg.input or os.path.relpath(SAMPLE, ROOT)}
-        budgets = {"val": cfg.val_tokens, "test": cfg.test_tokens}  # 0: proportional, decided below
-        names = paths
+        names, idents = [p for p, _ in inputs], [ident for _, ident in inputs]
+        source = {"kind": "local", "input": cfg.input or os.path.relpath(SAMPLE, ROOT), "inputs": idents}
         fetch = lambda path: path
-        # a local file's cache is keyed by its content, so an edited file is tokenized again
-        idents = [f"{os.path.basename(p)}@{sha256_file(p)}" for p in paths]
-    keyed = [f"{i}|{cfg.text_field}|{cfg.id_field}" for i in idents]  # caches depend on these too
+    import tiktoken
+    # a cache is keyed by all that shapes it: the file (its content, or the hub commit), its fields, the tokenizer
+    keyed = [f"{i}|{cfg.text_field}|{cfg.id_field}|tiktoken {tiktoken.__version__}|{CACHE_RULE}" for i in idents]
 
     cache_dir = os.path.join(out_dir, ".cache")
     os.makedirs(cache_dir, exist_ok=True)
     num_proc = cfg.num_proc or os.cpu_count() or 1
     proportional = budgets["val"] == 0
-    summaries, train_tokens, held, pool_files = [], 0, [], None
+    summaries, train_tokens, prefixes = [], 0, Prefixes(budgets, holdout)
     pool = multiprocessing.Pool(num_proc, initializer=_init_worker) if num_proc > 1 else None
     try:
         for i, (name, ident) in enumerate(zip(names, keyed)):
             enough_train = cfg.max_tokens and train_tokens >= cfg.max_tokens
-            if enough_train and pool_files is not None:
+            if enough_train and prefixes.done:
                 break
-            summary = tokenize_file(fetch(name), ident, cfg, cache_dir, pool, holdout)
-            summaries.append({**summary, "file": os.path.basename(name)})
-            train_tokens += summary["train_tokens"]
-            if pool_files is None:  # is the prefix read so far enough for the val and test budgets?
-                with np.load(cache_paths(cache_dir, ident)[1]) as idx:
-                    held += [(int(k), i, 0, int(n)) for k, n in zip(idx["keys"], idx["lens"]) if k < holdout]
-                if not proportional and held_out_splits(held, budgets, holdout) is not None:
-                    pool_files = i + 1
+            summary = tokenize_file(fetch(name), ident, cfg, cache_dir, pool)
+            with np.load(cache_paths(cache_dir, ident)[1]) as idx:
+                file_train, file_held = held_out_docs(idx["lens"], idx["keys"], i, holdout)
+            summaries.append({**summary, "file": os.path.basename(name), "train_tokens": file_train,
+                              "heldout_tokens": summary["tokens"] - file_train})
+            train_tokens += file_train
+            if not proportional:
+                prefixes.add(file_held, i + 1)
     finally:
         if pool:
             pool.close()
             pool.join()
     if sum(s["tokens"] for s in summaries) == 0:
         raise UsageError(f"the corpus {source.get('input') or source.get('repo')} holds no documents")
+    pool_files = prefixes.files  # {split: the shortest prefix of the files that holds its documents}
     if proportional:
-        pool_files, budgets = len(summaries), None
-    if pool_files is None:
-        raise UsageError(f"the corpus holds {sum(d[3] for d in held):,} held-out tokens (holdout_frac {holdout_frac}), "
-                         f"fewer than val_tokens + test_tokens = {budgets['val'] + budgets['test']:,}; lower "
-                         "them, raise --holdout_frac, or add documents")
+        pool_files, budgets = {"test": len(summaries), "val": len(summaries)}, None
+    if len(pool_files) < 2:
+        held, want = prefixes.held_tokens, budgets["val"] + budgets["test"]
+        short = "fewer than" if held < want else "too few, test's last document being cut, for"
+        raise UsageError(f"the corpus holds {held:,} held-out tokens (holdout_frac {holdout_frac}), {short} "
+                         f"val_tokens + test_tokens = {want:,}; lower them, raise --holdout_frac, or add documents")
 
     staging = new_staging(out_dir)
     splits = assemble(keyed[:len(summaries)], cache_dir, staging, cfg, holdout, budgets, pool_files)
-    import tiktoken
     meta = install(out_dir, staging, cfg, source, splits, {
         "files": summaries, "pool_files": pool_files,
         "tokenizer": {"name": "gpt2", "library": f"tiktoken {tiktoken.__version__}", "eot": EOT,
                       "document_prefix": "eot", "method": "encode_ordinary"},
         "split_rule": {"key": "sha256('id:'+id or 'text:'+text)[:8] / 2**64", "holdout_frac": holdout_frac,
-                       "test_then_val_in_key_order": True}})
+                       **(PROPORTIONAL_RULE if budgets is None else BUDGET_RULE)}})
     shutil.rmtree(cache_dir, ignore_errors=True)
     return meta
 

@@ -4,7 +4,7 @@
         [--preset=config/tiny.toml] [--design=one-at-a-time|full|fractional] [--seeds=N] [--out=DIR]
         [--effect=0.01 --noise_std=0.0017 (or --noise_from=RUNS) --hours_per_run=3 --usd_per_hour=2.5]
     sh DIR/run.sh                       # trains and evaluates every run, then compares them
-    python sweep.py analyze out/NAME-* [--factor ...]
+    python sweep.py analyze out/NAME-* [--factor ...] [--split=test|val]
 
 With --effect, plan says how many seeds per configuration detect that effect with 80% power
 under the design and the correction in force, and what the runs cost; without --seeds it plans them.
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from gpt_interventions import ROOT, design, stats
 from gpt_interventions.cli import field, load_preset, parse_config
 from gpt_interventions.errors import UsageError, run_main
-from gpt_interventions.results import IGNORED, REPLICATE, group_runs, load_runs
+from gpt_interventions.results import IGNORED, REPLICATE, SPLIT_HELP, SPLITS, group_runs, judged_lines, load_runs
 from gpt_interventions.stats import CORRECTIONS
 from gpt_interventions.verdicts import pooled_std
 from gpt_interventions.tables import fmt, table
@@ -53,6 +53,7 @@ class SweepConfig:
                                   "hold no replicates")
     noise_n: int = field(0, "analyze: how many runs noise_std was measured on; 0: a known std (z)")
     noise_from: str = field("", "finished runs (directories or a glob) whose replicates' pooled std is the noise")
+    split: str = field("test", f"analyze: {SPLIT_HELP}", choices=SPLITS)
 
 
 @dataclass
@@ -173,8 +174,10 @@ def plan(factors, sc, argv, explicit):
                            for f in factors)
     if any(rows[0]):  # the principal fraction of an odd k leaves the all-first-levels run out
         script.append("# the baseline configuration is not in this fraction: compare.py takes the first run as its baseline")
+    # a factorial's effects need no baseline: a refused table (a diverged baseline) does not stop them
+    survive = " || echo 'compare.py judged nothing; the factorial analysis follows'" * (sc.design != "one-at-a-time")
     script.append(f"{python} {q(os.path.join(ROOT, 'compare.py'))} {q(out_root + '-*')} --baseline={q(names[0])} "
-                  f"--charts={q(sc.out + '/charts')} --correction={sc.correction}")
+                  f"--charts={q(sc.out + '/charts')} --correction={sc.correction}{survive}")
     if sc.design != "one-at-a-time":
         script.append(f"{python} {q(os.path.join(ROOT, 'sweep.py'))} analyze {q(out_root + '-*')} {factor_args} "
                       f"--correction={sc.correction}")
@@ -200,7 +203,7 @@ def given_noise(sc):
     if sc.noise_std > 0:
         return sc.noise_std, (sc.noise_n if sc.noise_n >= 2 else None), "given"
     if sc.noise_from:
-        runs = [r for r in load_runs([sc.noise_from]) if r.loss is not None]
+        runs = [r for r in load_runs([sc.noise_from], sc.split) if r.loss is not None]
         pooled = pooled_std(group_runs(runs, runs[0])) if runs else None
         if pooled is None or pooled[0] == 0:
             raise UsageError(f"--noise_from={sc.noise_from}: no replicates with a spread among its "
@@ -293,9 +296,12 @@ def infer_factors(runs):
 
 
 def analyze(patterns, factors, sc):
-    runs = [r for r in load_runs(patterns) if r.loss is not None]
+    runs = load_runs(patterns, sc.split)
+    left_out = judged_lines(runs, sc.split)[1:]
+    runs = [r for r in runs if r.loss is not None]
     if len(runs) < 2:
-        raise UsageError("analyze needs at least two runs with a test (or validation) loss")
+        raise UsageError(f"analyze needs at least two runs with a {sc.split} loss; {len(runs)} of "
+                         f"{len(runs) + len(left_out)} have one" + (f" ({left_out[0]})" if left_out else ""))
     factors = factors or infer_factors(runs)
     X = []
     for r in runs:
@@ -307,8 +313,9 @@ def analyze(patterns, factors, sc):
     k = len(factors)
     if k > len(design.LETTERS) or k == 0:
         raise UsageError(f"{k} factors: nothing to analyze")
-    sources = {r.source for r in runs}
-    print(f"{len(runs)} runs, {len(set(map(tuple, X)))} distinct configurations, losses: {'/'.join(sorted(sources))}")
+    print(f"{len(runs)} runs, {len(set(map(tuple, X)))} distinct configurations")
+    for line in judged_lines(runs, sc.split) + left_out:
+        print(line)
     for j, f in enumerate(factors):
         print(f"  {design.LETTERS[j]}: {f.describe(0)}  ->  {f.describe(1)}")
     noise = given_noise(sc)

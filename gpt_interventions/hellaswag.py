@@ -28,7 +28,6 @@ from gpt_interventions.tokenizer import EOT
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 FILE = "hellaswag_val.jsonl"
-RESULT_KEY = "hellaswag/val"  # eval.py's eval.json key (task/split) beside the losses' dataset/split
 VAL_EXAMPLES = 10_042
 ENDINGS = 4
 

@@ -1,6 +1,6 @@
 """The model card (README.md) of a Hugging Face export: what the model is, how it was trained and
 scored, and how to load it. For one of our checkpoints the facts come from the checkpoint (configs,
-step, tokens) and from the run's eval.json (eval.py's latest result per dataset/split); for a model
+step, tokens) and from the run's eval.json (eval.py's results of that very checkpoint); for a model
 we only converted (GPT-2 weights, the book's format) the card says so and no more.
 """
 
@@ -8,6 +8,8 @@ import dataclasses
 import json
 import os
 
+from gpt_interventions import eval_results
+from gpt_interventions.errors import UsageError
 from gpt_interventions.tables import fmt, table
 from gpt_interventions.training import TrainConfig
 from model import GPTConfig
@@ -53,16 +55,13 @@ def _front_matter(tokenizer):
 
 def _results(info):
     """eval.py's results for this very checkpoint (same file name and step); older ones are left out."""
-    path = os.path.join(os.path.dirname(info["checkpoint"]), "eval.json")
     try:
-        with open(path) as f:
-            results = json.load(f)
-    except (OSError, ValueError):  # none yet, or unreadable: the card then says there is none
-        results = {}
-    mine = [(key, r) for key, r in sorted(results.items() if isinstance(results, dict) else ())
-            if isinstance(r, dict) and {"checkpoint", "step"} <= r.keys()
-            and os.path.basename(str(r["checkpoint"])) == os.path.basename(info["checkpoint"])
-            and r["step"] == info.get("step")]
+        rows = eval_results.read(os.path.dirname(info["checkpoint"]))
+    except UsageError:  # unreadable: the card then says there is none
+        rows = []
+    mine = sorted(eval_results.of_checkpoint(rows, (os.path.basename(info["checkpoint"]),), info.get("step")),
+                  key=eval_results.key)
+    mine = [(eval_results.scored(r), r) for r in mine]
     losses = [(key, r) for key, r in mine if {"loss", "ppl", "tokens", "dtype"} <= r.keys()]
     tasks = [(key, r) for key, r in mine if {"acc_norm", "acc", "examples"} <= r.keys()]  # --task=hellaswag
     if not losses and not tasks:

@@ -12,10 +12,10 @@ import math
 import os
 from dataclasses import dataclass
 
+from gpt_interventions import eval_results
 from gpt_interventions.checkpoint import model_config_of
 from gpt_interventions.cli import parse_config
 from gpt_interventions.errors import UsageError
-from gpt_interventions.hellaswag import RESULT_KEY
 from gpt_interventions.tables import fmt
 from gpt_interventions.training import RUNTIME_FIELDS, TrainConfig
 from model import GPTConfig
@@ -24,18 +24,28 @@ IGNORED = RUNTIME_FIELDS | {"charts"}  # change how, not what, a run computes
 REPLICATE = {"seed", "data_seed"}       # differ between replicates of one configuration
 
 
+SPLITS = ("test", "val")
+SPLIT_HELP = ("the loss that is judged: test, eval.py's float32 score of each run's final checkpoint (a run "
+              "without one is left out, listed); val, the validation loss train.py logged at each run's final "
+              "step. The two are never judged together")
+JUDGED = {"test": "judged: test losses, eval.py's float32 score of each run's final checkpoint (ckpt.pt at its last step)",
+          "val": "judged: validation losses, logged by train.py at each run's final step (its dtype and eval_tokens)"}
+
+
 @dataclass
 class FinishedRun:
     name: str
     dir: str
     config: dict         # model and train fields, flattened
     rows: list           # metrics.jsonl
-    loss: float | None   # the test loss, else the last validation loss
-    source: str          # "test" or "val" (no test evaluation yet)
+    loss: float | None   # the finite loss of split `source` that is judged; None: left out (`missing` says why)
+    source: str          # that split: "test" or "val"
     test_tokens: int | None
     world_size: int
-    accuracy: float | None = None        # HellaSwag acc_norm from eval.json, if scored
+    accuracy: float | None = None        # HellaSwag acc_norm of the final checkpoint, if scored
     accuracy_examples: int | None = None
+    missing: str = ""                    # why loss is None
+    scored: str = ""                     # which result the loss is (eval.json's key), for --json
 
     def last(self, key):
         return next((r[key] for r in reversed(self.rows) if r.get(key) is not None), None)
@@ -51,7 +61,10 @@ class FinishedRun:
         return total
 
 
-def load_run(run_dir):
+def load_run(run_dir, split="test"):
+    """A run directory with the loss of `split` at its final step: test, eval.py's float32 score
+    of the final checkpoint (gpt_interventions/eval_results.py); val, the validation loss
+    train.py logged at the final step. Without one the run's loss is None and `missing` says why."""
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
             meta = json.load(f)
@@ -61,26 +74,34 @@ def load_run(run_dir):
         raise UsageError(f"{run_dir} is not a readable run directory ({e})") from None
     config = {**model_config_of(meta["model"]), **meta["train"]}
     name = config.get("run_name") or os.path.basename(os.path.normpath(run_dir))
-    test, tokens, results = None, None, {}
-    eval_path = os.path.join(run_dir, "eval.json")
-    if os.path.isfile(eval_path):
-        with open(eval_path) as f:
-            results = json.load(f)
-        row = results.get(f"{config['dataset']}/test")  # eval.py's key: dataset/split
+    run = FinishedRun(name, run_dir, config, rows, None, split, None, meta.get("env", {}).get("world_size", 1))
+    final, results, dataset = eval_results.final_step(meta, rows), eval_results.read(run_dir), config["dataset"]
+    if split == "test":
+        row, why = eval_results.final_result(results, final, f"{dataset}/test")
         if row:
-            test, tokens = row["loss"], row["tokens"]
-    run = FinishedRun(name, run_dir, config, rows, test, "test", tokens, meta.get("env", {}).get("world_size", 1))
-    task = results.get(RESULT_KEY)  # eval.py --task=hellaswag
+            run.loss, run.test_tokens, run.scored = row["loss"], row["tokens"], eval_results.key(row)
+        else:
+            run.missing = f"{why}; score it: python eval.py {run_dir} --dataset={dataset}"
+    else:
+        val = [r["val_loss"] for r in rows if r.get("step") == final and r.get("val_loss") is not None]
+        run.loss = val[-1] if val else None
+        reached = max((r.get("step", 0) for r in rows), default=0)
+        run.missing = "" if val else f"no validation loss at its final step {final} in metrics.jsonl" + (
+            f" (it stopped at step {reached})" if final is not None and reached < final else "")
+    task, _ = eval_results.final_result(results, final, "hellaswag/val")
     if task:
         run.accuracy, run.accuracy_examples = task["acc_norm"], task["examples"]
-    if test is None:
-        run.loss, run.source = run.last("val_loss"), "val"
     if run.loss is not None and not math.isfinite(run.loss):  # a diverged run: no loss to compare
-        run.loss, run.source = None, "nonfinite"
+        run.loss, run.missing = None, f"its {split} loss is {run.loss} (diverged)"
     return run
 
 
-def load_runs(patterns):
+def judged_lines(runs, split):
+    """What the verdicts judged, and one line per run they leave out, with why."""
+    return [JUDGED[split]] + [f"left out of the verdicts: {r.name}: {r.missing}" for r in runs if r.loss is None]
+
+
+def load_runs(patterns, split="test"):
     """Runs from directories and globs (a glob skips what is not a run; a named directory must be one)."""
     dirs = []
     for p in patterns:
@@ -89,7 +110,7 @@ def load_runs(patterns):
         if not matches:
             raise UsageError(f"no run directories match {p!r}")
         dirs += [m for m in matches if os.path.normpath(m) not in map(os.path.normpath, dirs)]
-    return [load_run(d) for d in dirs]
+    return [load_run(d, split) for d in dirs]
 
 
 def diff(config, base):

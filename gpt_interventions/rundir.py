@@ -58,9 +58,13 @@ class Run:
                 self.failed = f"cannot append to {path} ({e.strerror or e})"
 
 
+def snapshot_name(step):
+    return f"ckpt_{step:07d}.pt"
+
+
 def keep_snapshots(out_dir, path, step, keep):
     """Hard-link the new checkpoint as ckpt_STEP.pt and delete snapshots beyond the last `keep`."""
-    snap = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
+    snap = os.path.join(out_dir, snapshot_name(step))
     tmp = f"{snap}.tmp.{os.getpid()}"
     os.link(path, tmp)
     os.replace(tmp, snap)  # a snapshot left by an attempt that was restarted is replaced, not kept

@@ -14,10 +14,12 @@ import numpy as np
 
 from gpt_interventions.atomic import atomic_write
 from gpt_interventions.errors import UsageError
+from gpt_interventions.tokenizer import EOT
 
 MAGIC, VERSION = 20240520, 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
+MAX_SHARD_TOKENS = 2**31 - 1  # the header's int32 token count
 
 
 def write_shard(path, tokens):
@@ -26,6 +28,8 @@ def write_shard(path, tokens):
     assert tokens.ndim == 1
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
         raise ValueError("token ids must fit in uint16")
+    if tokens.size > MAX_SHARD_TOKENS:
+        raise ValueError(f"a shard holds at most {MAX_SHARD_TOKENS} tokens (int32 header), got {tokens.size}")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = (MAGIC, VERSION, tokens.size)
 
@@ -121,17 +125,22 @@ def check_vocab(tokens, vocab_size, path):
 
 
 class ShardWriter:
-    """Appends tokens and writes `{split}_NNNNNN.bin` files of exactly shard_tokens (the last shorter)."""
+    """Appends tokens and writes `{split}_NNNNNN.bin` files of exactly shard_tokens (the last shorter).
+
+    Its documents are the <|endoftext|> tokens written (one per document, before or after it, a cut
+    one included), so meta.json's counts are always those of the shards.
+    """
 
     def __init__(self, out_dir, split, shard_tokens):
+        assert 0 < shard_tokens <= MAX_SHARD_TOKENS
         self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
         self.buf, self.buffered, self.shards, self.tokens, self.docs = [], 0, [], 0, 0
 
-    def add(self, tokens, docs=0):
+    def add(self, tokens):
         self.buf.append(tokens)
         self.buffered += tokens.size
         self.tokens += tokens.size
-        self.docs += docs
+        self.docs += int(np.count_nonzero(tokens == EOT))
         while self.buffered >= self.shard_tokens:
             self._flush(self.shard_tokens)
 

@@ -86,7 +86,9 @@ def hub_download(repo, filename, revision):
     return hf_hub_download(repo, filename, repo_type="dataset", revision=revision)
 
 
-PARQUET_HINT = "copy its parquet files here and use --input='DIR/*.parquet' --dataset=NAME"
+# the same --dataset name keeps the hub's holdout and budgets, so the same files give the same splits
+PARQUET_HINT = ("copy its parquet files (in name order, from the first) here and use --input='DIR/*.parquet' "
+                "with the same --dataset")
 
 
 def hub_call(repo, what, fn, hint=PARQUET_HINT):

@@ -17,7 +17,6 @@ import numpy as np
 
 from gpt_interventions.errors import UsageError
 from gpt_interventions.shards import ShardWriter
-from gpt_interventions.tokenizer import EOT
 
 REPO = "gpjt/fineweb-gpt2-tokens"
 FILES = {"train": "train.safetensors", "validation": "validation.safetensors"}
@@ -94,7 +93,7 @@ def write_splits(files, cfg, staging):
         writer = ShardWriter(staging, split, cfg.shard_tokens)
         for lo in range(start, stop, SLICE):
             tokens = files[name].read(lo, min(lo + SLICE, stop))
-            writer.add(tokens, int(np.count_nonzero(tokens == EOT)))
+            writer.add(tokens)
         out[split] = writer.close()
     return out
 

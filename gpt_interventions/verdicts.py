@@ -50,12 +50,14 @@ def judge(groups, noise=None, correction="holm", sensitivity=True, test="auto", 
     The groups' values are test losses, or accuracies with higher_is_better (the deltas and tests
     are the same; only which sign is `better` turns)."""
     base = groups[0]
+    if not base.losses:  # every other row would read as a baseline: the caller refuses or says so first
+        raise ValueError("judge: the baseline group has no values to judge against")
     rows = []
     for g in groups:
         if not g.losses:
             continue
         row = Verdict(g, *summary(g.losses))
-        if g is not base and base.losses:
+        if g is not base:
             a, b, pairs = aligned(g, base)
             row.comparison = compare(a, b, noise, pairs, test)
             row.comparison.higher_is_better = higher_is_better

@@ -74,14 +74,16 @@ def tiny_hf(path, vocab=VOCAB, tie=True, seed=0):
     return hf.eval()
 
 
-def fake_run(root, name, test_loss=None, rows=(), world_size=1, hellaswag=None, **config):
+def fake_run(root, name, test_loss=None, rows=(), world_size=1, hellaswag=None, steps=None, **config):
     """A run directory as train.py and eval.py leave it, with made-up numbers (compare/sweep tests).
 
-    config overrides train.py's defaults; rows are metrics.jsonl rows; test_loss and hellaswag
-    (an acc_norm, as eval.py --task=hellaswag records it) go to eval.json.
+    config overrides train.py's defaults; rows are metrics.jsonl rows; steps: the planned steps
+    (default: the last row's, else 10); test_loss and hellaswag (an acc_norm, as eval.py
+    --task=hellaswag records it) go to eval.json as float32 scores of the final checkpoint.
     """
     import dataclasses
 
+    from gpt_interventions import eval_results
     from gpt_interventions.training import TrainConfig
     from model import GPTConfig
     mc = {f.name: config.pop(f.name, f.default) for f in dataclasses.fields(GPTConfig)}
@@ -90,19 +92,25 @@ def fake_run(root, name, test_loss=None, rows=(), world_size=1, hellaswag=None, 
     out = os.path.join(str(root), name)
     os.makedirs(out)
     tc.update(run_name=name, out_dir=out)
+    steps = steps or max((r["step"] for r in rows), default=10)
     with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump({"model": mc, "train": tc, "env": {"world_size": world_size}}, f)
+        json.dump({"model": mc, "train": tc, "derived": {"max_steps": steps}, "env": {"world_size": world_size}}, f)
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    results = {}
+    at = {"checkpoint": os.path.join(out, "ckpt.pt"), "step": steps, "dtype": "float32"}
     if test_loss is not None:
-        results[f"{tc['dataset']}/test"] = {"loss": test_loss, "tokens": 1024}
+        eval_results.record(out, {**at, "dataset": tc["dataset"], "split": "test", "eval_tokens": 0,
+                                  "loss": test_loss, "tokens": 1024})
     if hellaswag is not None:
-        results["hellaswag/val"] = {"task": "hellaswag", "split": "val", "acc_norm": hellaswag, "examples": 10042}
-    if results:
-        with open(os.path.join(out, "eval.json"), "w") as f:
-            json.dump(results, f)
+        eval_results.record(out, {**at, "task": "hellaswag", "split": "val", "acc_norm": hellaswag,
+                                  "examples": 10042})
     return out
+
+
+def eval_rows(run_dir, scored="syn/test"):
+    """eval.json's rows of one dataset/split (or task/split)."""
+    from gpt_interventions import eval_results
+    return [r for r in eval_results.read(str(run_dir)) if eval_results.scored(r) == scored]
 
 
 def snapshot(root):

@@ -11,7 +11,9 @@ import eval as eval_script
 import train
 from gpt_interventions import charts, stats
 from gpt_interventions.errors import UsageError
-from helpers import ROOT, cli, fake_run, make_shards, snapshot, tiny_flags
+from gpt_interventions.results import group_runs, load_runs
+from gpt_interventions.verdicts import judge
+from helpers import ROOT, cli, eval_rows, fake_run, make_shards, snapshot, stop_after, tiny_flags
 
 
 @pytest.mark.parametrize("df, q", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (5, 2.5706), (10, 2.2281),
@@ -108,15 +110,13 @@ def test_table_and_markdown_on_real_runs(real_runs, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "| run | interventions | seed | test loss | delta | train loss | tokens | wall | tok/s |"
     assert out[1] == "|---|---|---|---|---|---|---|---|---|"
-    losses = []
-    for d in real_runs:
-        with open(os.path.join(d, "eval.json")) as f:
-            losses.append(json.load(f)["syn/test"]["loss"])
+    losses = [eval_rows(d)[0]["loss"] for d in real_runs]
     base, clip = out[2].split(" | "), out[3].split(" | ")
     assert base[:5] == ["| base", "baseline", "42", f"{losses[0]:.6f}", "+0.000000"]
     assert clip[:5] == ["| clip", "grad_clip=0.3", "42", f"{losses[1]:.6f}", f"{losses[1] - losses[0]:+.6f}"]
     assert clip[6] == "1,536"  # 6 steps x 256 tokens
-    assert "no noise estimate" in out[-2] and out[-1].startswith("charts: ")
+    assert "no noise estimate" in out[-3] and out[-2].startswith("judged: test losses, eval.py's float32 score")
+    assert out[-1].startswith("charts: ")
     for name in charts.CHARTS:
         with open(tmp_path / "charts" / f"{name}.png", "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -277,3 +277,101 @@ def test_charts_draw_a_group_in_one_colour_with_its_spread(tmp_path, capsys):
                          str(tmp_path / "again"))
     val = labels[str(tmp_path / "again" / "val_loss.png")]
     assert val == ["_base-s42", "_base-s43", "baseline (mean of 2 runs, band: min-max)", "gc"]  # a lone run: its name
+
+
+def scores(capsys, data, *models_and_flags):
+    """eval.py's --json rows of MODEL [FLAGS...] calls, scored on syn/test."""
+    rows = []
+    for model, *flags in models_and_flags:
+        capsys.readouterr()
+        eval_script.main([model, f"--data_dir={data}", "--dataset=syn", "--ledger=", "--json", *flags])
+        rows.append(json.loads(capsys.readouterr().out.splitlines()[-1]))
+    return rows
+
+
+def test_a_runs_test_loss_is_the_float32_score_of_its_final_checkpoint(tmp_path, capsys):
+    # the review's case: scored at the final checkpoint, then an old snapshot and a bfloat16
+    # re-score after it; neither may become the run's loss
+    data = make_shards(tmp_path / "data", train=(4_000,))
+    out = str(tmp_path / "run")
+    train.main(tiny_flags(data, out, max_iters=6, checkpoint_interval=3, keep_checkpoints=2, run_name="run"))
+    final, old, half = scores(capsys, data, (out,), (os.path.join(out, "ckpt_0000003.pt"),), (out, "--dtype=bfloat16"))
+    assert (final["step"], old["step"]) == (6, 3) and old["loss"] != final["loss"] != half["loss"]
+    run, = compare.load_runs([out])
+    assert (run.loss, run.test_tokens, run.source) == (final["loss"], final["tokens"], "test")
+    compare.main([out, "--json"])
+    row = json.loads(capsys.readouterr().out)["runs"][0]
+    assert (row["loss"], row["scored"]) == (final["loss"], "syn/test ckpt.pt step 6 float32 eval_tokens=0")
+    # eval.json as eval.py wrote it before (one row per dataset/split) loads by the same rule
+    for row, loss in ((final, final["loss"]), (old, None), (half, None)):
+        with open(os.path.join(out, "eval.json"), "w") as f:
+            json.dump({"syn/test": row}, f)
+        assert compare.load_runs([out])[0].loss == loss
+    # a run with only another checkpoint's score is left out of the verdicts, in one line
+    other = str(tmp_path / "other")
+    os.makedirs(other)
+    for name in ("config.json", "metrics.jsonl", "eval.json"):
+        with open(os.path.join(out, name)) as f, open(os.path.join(other, name), "w") as g:
+            g.write(f.read().replace('"run_name": "run"', '"run_name": "other"'))
+    scores(capsys, data, (out,))
+    compare.main([out, other])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split()[:4] == ["other", "baseline", "42", "n/a"]
+    assert (f"left out of the verdicts: other: no float32 syn/test score of its final checkpoint (ckpt.pt at "
+            f"step 6), only of ckpt.pt step 6 bfloat16; score it: python eval.py {other} --dataset=syn") in lines
+
+
+def test_a_score_taken_before_a_resume_is_not_the_runs(tmp_path, monkeypatch, capsys):
+    data = make_shards(tmp_path / "data", train=(4_000,))
+    out = str(tmp_path / "run")
+    stop_after(monkeypatch, 2)  # stopped after step 3 of 6, scored there, then resumed to the end
+    train.main(tiny_flags(data, out, max_iters=6))
+    monkeypatch.undo()
+    early, = scores(capsys, data, (out,))
+    train.main(tiny_flags(data, out, max_iters=6))
+    assert early["step"] == 3 and compare.load_runs([out])[0].loss is None
+    final, = scores(capsys, data, (out,))
+    assert final["step"] == 6 and compare.load_runs([out])[0].loss == final["loss"] != early["loss"]
+
+
+def test_validation_losses_are_never_judged_with_test_losses(tmp_path, capsys):
+    # the review's case: identical models whose validation loss reads 0.05 above their test loss;
+    # the grad_clip group has no test rows
+    for i, (e, d) in enumerate(((-0.001, 0.0004), (0.0, -0.0003), (0.0015, 0.0001))):
+        fake_run(tmp_path, f"base-s{i}", 3.60 + e, rows=[{"step": 10, "val_loss": 3.65 + e}], seed=42 + i)
+        fake_run(tmp_path, f"gc-s{i}", None, rows=[{"step": 10, "val_loss": 3.65 + e + d}], seed=42 + i, grad_clip=3.5)
+    runs = [str(tmp_path / "base-*"), str(tmp_path / "gc-*")]
+    compare.main([*runs, "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert [(r["group"], r["verdict"]) for r in out["rows"]] == [("baseline", "baseline")]  # gc is not judged
+    assert out["split"] == out["rows"][0]["split"] == "test"
+    assert [r["run"] for r in out["runs"] if r["left_out"]] == ["gc-s0", "gc-s1", "gc-s2"]
+    compare.main(runs)
+    text = capsys.readouterr().out
+    assert "worse (holm" not in text and "left out of the verdicts: gc-s2: no float32 story/test score" in text
+    compare.main([*runs, "--split=val", "--json"])  # or every run on its validation loss
+    base, gc = json.loads(capsys.readouterr().out)["rows"]
+    assert (base["split"], gc["split"], gc["verdict"]) == ("val", "val", "within noise")
+    assert gc["delta"] == pytest.approx((0.0004 - 0.0003 + 0.0001) / 3)
+    code, err = cli(compare.main, [*runs, "--split=val", "--reference=gpt2"], capsys)
+    assert code == 2 and "--reference give test losses and --split=val" in err
+
+
+def test_a_diverged_baseline_is_refused_and_no_other_row_is_the_baseline(tmp_path, capsys):
+    fake_run(tmp_path, "base", float("nan"))
+    replicates(tmp_path, "gc", 3.69, 0.002, grad_clip=3.5)
+    runs = [str(tmp_path / "base"), str(tmp_path / "gc-*")]
+    before = snapshot(tmp_path)
+    for flags in ([], ["--json"]):
+        code, err = cli(compare.main, [*runs, *flags], capsys)
+        assert code == 2 and err.count("\n") == 1, err
+        assert ("baseline base has no test loss to judge against (its test loss is nan (diverged)); name another "
+                "with --baseline=RUN (runs with one: gc-s0, gc-s1, gc-s2)") in err
+    assert snapshot(tmp_path) == before
+    compare.main([*runs, "--baseline=gc-s1", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["baseline"] == "gc-s1" and [r["verdict"] for r in out["rows"]] == ["baseline"]
+    assert [(r["run"], r["left_out"]) for r in out["runs"] if r["left_out"]] == [("base", "its test loss is nan (diverged)")]
+    runs = load_runs([str(tmp_path / "base"), str(tmp_path / "gc-*")])
+    with pytest.raises(ValueError, match="baseline group has no values"):  # judge itself never labels another
+        judge(group_runs(runs, runs[0]))

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 import torch
-from helpers import ROOT, cli, fake_run, make_shards, snapshot, tiny_hf, tiny_run
+from helpers import ROOT, cli, eval_rows, fake_run, make_shards, snapshot, tiny_hf, tiny_run
 
 import compare
 import eval as eval_script
@@ -149,15 +149,14 @@ def test_eval_cli_prints_and_records_a_run(wide_run, input_file, tmp_path, capsy
     assert (row["correct_norm"], row["correct"]) == (s.correct_norm, s.correct)
     assert (row["acc_norm"], row["acc"]) == (s.correct_norm / 6, s.correct / 6)
     assert [json.loads(line) for line in ledger.read_text().splitlines()] == [row]
-    with open(os.path.join(wide_run, "eval.json")) as f:
-        assert json.load(f)["hellaswag/val"] == row
+    assert eval_rows(wide_run, "hellaswag/val") == [row]
     eval_script.main([wide_run, "--task=hellaswag", f"--input={input_file}", "--ledger="])
     assert re.fullmatch(rf"hellaswag/val acc_norm {s.acc_norm:.4f} acc {s.acc:.4f} examples 6 model "
                         rf"{re.escape(wide_run)}/ckpt.pt \([0-9.]+s; 1 contexts cut from the left to fit "
                         r"block_size 32\)\n", capsys.readouterr().out)
-    # compare.py reads the run's accuracy beside its (validation) loss
-    run = compare.load_runs([wide_run])[0]
-    assert run.accuracy == s.acc_norm and run.source == "val"
+    # compare.py reads the run's accuracy beside its validation loss (it has no test loss)
+    run = compare.load_runs([wide_run], "val")[0]
+    assert run.accuracy == s.acc_norm and (run.source, run.loss) == ("val", run.last("val_loss"))
 
 
 def test_a_loss_evaluation_keeps_the_hellaswag_row_and_reads_only_its_own(wide_run, input_file, tmp_path, capsys):
@@ -165,11 +164,10 @@ def test_a_loss_evaluation_keeps_the_hellaswag_row_and_reads_only_its_own(wide_r
     data_dir = os.path.join(os.path.dirname(wide_run), "data")
     eval_script.main([wide_run, f"--data_dir={data_dir}", "--dataset=syn", "--ledger=", "--json"])
     loss = json.loads(capsys.readouterr().out.splitlines()[-1])
-    with open(os.path.join(wide_run, "eval.json")) as f:
-        results = json.load(f)
-    assert set(results) >= {"hellaswag/val", "syn/test"} and results["syn/test"] == loss
+    task = eval_rows(wide_run, "hellaswag/val")
+    assert len(task) == 1 and eval_rows(wide_run) == [loss]
     run = compare.load_runs([wide_run])[0]
-    assert (run.loss, run.source) == (loss["loss"], "test") and run.accuracy == results["hellaswag/val"]["acc_norm"]
+    assert (run.loss, run.source) == (loss["loss"], "test") and run.accuracy == task[0]["acc_norm"]
 
 
 def test_reference_loss_rows_ignore_hellaswag_rows_of_the_ledger(tmp_path, capsys):

@@ -15,7 +15,7 @@ import eval as eval_script
 import sample
 from gpt_interventions import formats
 from gpt_interventions.tokenizer import ENCODER_JSON, EOT, VOCAB_BPE, get_tokenizer
-from helpers import ROOT, cli, make_shards, snapshot, tiny_hf, tiny_run
+from helpers import ROOT, cli, eval_rows, make_shards, snapshot, tiny_hf, tiny_run
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 TEXTS = ["Hello world", "Every effort moves you", "héllo wörld 世界 🤖\n\n  tabs\tand  spaces ,",
@@ -91,8 +91,7 @@ def test_export_tokenizes_and_generates_as_we_do_offline(run, capsys):
 
 
 def test_model_card_reports_the_run(run):
-    with open(os.path.join(os.path.dirname(run["ckpt"]), "eval.json")) as f:
-        result = json.load(f)["syn/test"]
+    result, = eval_rows(os.path.dirname(run["ckpt"]))
     with open(os.path.join(run["export"], "README.md")) as f:
         card = f.read()
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\n")

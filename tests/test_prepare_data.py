@@ -94,9 +94,9 @@ def test_splits_are_disjoint_and_stable_when_max_tokens_changes(tmp_path):
     train_docs = set(split_docs(full, "full", "train"))
     held = split_docs(full, "full", "val") + split_docs(full, "full", "test")
     assert not train_docs & set(held)
-    # the test split is the held-out documents of the pool files (the shortest prefix of the
-    # files that holds enough of them) in split-key order
-    pool_files = json.load(open(full / "full" / "meta.json"))["pool_files"]
+    # the test split is the held-out documents of the shortest prefix of the files that holds
+    # test_tokens of them, in split-key order
+    pool_files = json.load(open(full / "full" / "meta.json"))["pool_files"]["test"]
     pool = [i for i in texts if int(i.split("-")[1]) < 1000 * pool_files]
     by_key = sorted(pool, key=lambda i: prepare_data.split_key(i, texts[i]))
     first = split_docs(full, "full", "test")[0]
@@ -169,7 +169,7 @@ def test_fineweb_from_the_hub_is_pinned_and_downloads_only_what_it_needs(tmp_pat
     meta = json.load(open(out / "fineweb" / "meta.json"))
     assert meta["source"] == {"kind": "hub", "repo": "HuggingFaceFW/fineweb", "subset": "sample/10BT",
                               "revision": "main", "revision_sha": "f" * 40}
-    assert meta["pool_files"] == 1 and meta["splits"]["train"]["tokens"] == 20000
+    assert meta["pool_files"] == {"test": 1, "val": 1} and meta["splits"]["train"]["tokens"] == 20000
     # all of it: the second file is downloaded too, and val/test do not change
     everything = prepare(tmp_path / "all", "--dataset=fineweb", *budgets)
     assert fake_hub.downloads[1:] == list(fake_hub.files)

@@ -1,5 +1,6 @@
 """sweep.py and design.py: designs, their alias structure, and effects recovered from known answers."""
 
+import math
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from gpt_interventions import design, stats
 from gpt_interventions.cli import parse_config
 from gpt_interventions.errors import UsageError
 from gpt_interventions.training import TrainConfig
-from helpers import ROOT, fake_run, make_shards
+from helpers import ROOT, cli, fake_run, make_shards
 from model import GPTConfig
 
 FIVE = ["grad_clip=0,3.5", "qkv_bias=False,True", "weight_decay=0.1,0.01", "dropout=0.1,0",
@@ -149,6 +150,34 @@ def test_one_at_a_time_cannot_estimate_interactions(tmp_path, capsys):
     assert "not a two-level factorial: 3 of the 4 configurations" in out
     assert fit.confounded == ["AB"] and [e.estimate for e in fit.effects] == pytest.approx([-0.02, -0.01])  # A: qkv_bias (model fields first)
     assert "no interval" in out
+
+
+def test_analyze_lists_the_runs_it_leaves_out_and_judges_one_split(tmp_path, capsys):
+    # a 2^2 design twice over; the baseline cell's seed-42 run diverged and one more run has only a
+    # validation loss (0.05 above the test losses): neither may enter the fit
+    for gc in (0.0, 3.5):
+        for qkv in (False, True):
+            for seed in (42, 43):
+                loss = 3.70 - 0.01 * (gc > 0) - 0.02 * qkv + 0.001 * (seed - 42)
+                diverged = (gc, qkv, seed) == (0.0, False, 42)
+                fake_run(tmp_path, f"r-{gc}-{qkv}-{seed}", math.nan if diverged else loss, grad_clip=gc,
+                         qkv_bias=qkv, seed=seed)
+    fake_run(tmp_path, "val-only", None, rows=[{"step": 10, "val_loss": 3.72}], grad_clip=3.5, qkv_bias=True, seed=44)
+    sweep.main(["analyze", str(tmp_path / "*")])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "7 runs, 4 distinct configurations"
+    assert "judged: test losses, eval.py's float32 score of each run's final checkpoint (ckpt.pt at its last step)" in out
+    assert "left out of the verdicts: r-0.0-False-42: its test loss is nan (diverged)" in out
+    assert any(line.startswith("left out of the verdicts: val-only: no float32 story/test score") for line in out)
+    code, err = cli(sweep.main, ["analyze", str(tmp_path / "*"), "--split=val"], capsys)
+    assert code == 2 and "analyze needs at least two runs with a val loss; 1 of 9 have one" in err
+
+
+def test_a_factorial_script_goes_on_to_its_analysis_when_compare_refuses(tmp_path, capsys):
+    for design_flag, survives in (("--design=full", True), ("--design=one-at-a-time", False)):
+        out, _ = run_plan(tmp_path / design_flag[9:], design_flag)
+        line = next(x for x in (out / "run.sh").read_text().splitlines() if "compare.py" in x)
+        assert line.endswith(" || echo 'compare.py judged nothing; the factorial analysis follows'") == survives
 
 
 @pytest.mark.parametrize("args, message", [
