@@ -81,12 +81,13 @@ def test_defaults_give_the_same_weights_logits_and_loss_as_before(init, switches
     assert torch.equal(model(idx, idx, z_loss=0.0)[1], model(idx, idx)[1])
 
 
-def test_default_tiny_run_trains_the_same_weights_as_before(data_dir, tmp_path):
-    # 4 steps with dropout, train.py end to end; digest taken before these switches existed
+def test_a_checkpoint_from_before_the_switches_loads_with_their_defaults(data_dir, tmp_path):
+    # 4 steps with dropout, train.py end to end. (Its weights' digest, taken before these switches
+    # existed, changed on purpose when dropout masks became keyed per sequence,
+    # gpt_interventions/dropout.py; the model's own forward is still pinned above.)
     out = str(tmp_path / "run")
     train.main(tiny_flags(data_dir, out, max_iters=4, dropout=0.1, total_batch_size=128, charts=False))
     ckpt = ckpt_of(out)
-    assert digest(ckpt["model"]) == "2b03aee08ce35d45"
     # a checkpoint saved before these fields existed loads with them at their defaults
     for name in DEFAULTS:
         del ckpt["model_config"][name]

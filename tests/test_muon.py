@@ -19,30 +19,11 @@ MUON = dict(EXACT, optimizer="muon", muon_lr=0.02)
 TINY = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=50, qkv_bias=True, dropout=0.0)
 
 
-def run_digest(out):
-    """The logged curve, the weights and the optimizer state of a finished run, hashed."""
-    h = hashlib.sha256(repr(curve(out)).encode())
-    ckpt = ckpt_of(out)
-    for k, v in ckpt["model"].items():
-        h.update(k.encode())
-        h.update(v.numpy().tobytes())
-    for state in ckpt["optimizer"]["state"].values():
-        for k, v in state.items():
-            h.update(k.encode())
-            h.update(v.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def test_the_default_adamw_run_is_bit_identical_to_before_muon(data_dir, tmp_path):
-    # digests taken on commit ea253c4, before the optimizer switch, with 1 CPU thread (the thread
-    # count changes a CPU run's last bits: tests/test_reliability.py)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        train.main(tiny_flags(data_dir, str(tmp_path / "run"), **EXACT))
-    finally:
-        torch.set_num_threads(threads)
-    assert run_digest(tmp_path / "run") == "300e8bdbd956f56b"
+def test_the_default_adamw_run_is_bit_identical_to_before_muon():
+    # digests taken on commit ea253c4, before the optimizer switch. (A digest of a whole tiny run
+    # with dropout was pinned here too; it changed on purpose when dropout masks became keyed per
+    # sequence, gpt_interventions/dropout.py, and is not re-pinned: tests/test_dropout.py and
+    # the same-process comparisons of tests/test_train.py cover the run.)
     assert type(configure_optimizer(GPT(TINY), TrainConfig(), "cpu")) is torch.optim.AdamW
     # every schedule's lrs, from learning_rate's peak given or not
     for peak in ((), (0.0014,)):
