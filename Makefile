@@ -1,5 +1,6 @@
 # `make demo`: a fresh machine to two trained, evaluated, compared tiny models on the CPU in minutes.
-# `make test`: the whole test suite on the CPU.
+# `make test`: the whole test suite on the CPU (in random order with pytest-randomly, its seed printed
+# at the end), then the numerics tests again on one thread (`make test-one-thread`).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO := out/demo
 
-.PHONY: test demo bench gpu-check clean
+.PHONY: test test-one-thread demo bench gpu-check clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,12 @@ $(VENV)/.dev: $(VENV)/.installed requirements-dev.txt
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q tests
+	$(MAKE) test-one-thread
+
+# A CPU's thread count changes the last bits of a result; the tests marked numerics (references
+# computed in the same process, bitwise runs and resumes) must hold on one thread as on many.
+test-one-thread: $(VENV)/.dev
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m numerics tests
 
 # The demo's runs live in out/demo/, which it replaces on every call; other runs are untouched.
 demo: $(VENV)/.installed
@@ -42,6 +49,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench.py config/tiny.toml --steps=10 --warmup=3 --dtype=bfloat16 --compile=True
 	$(BIN)/python bench.py config/tiny.toml --steps=10 --warmup=3 --eval_batch_size=32
 	$(BIN)/python benchmarks/bench_tokenizer.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_moe.py --clock=cpu
 	$(if $(NANOGPT),$(BIN)/python benchmarks/vs_nanogpt.py $(NANOGPT) --repeats=2 --stat=min)
 
 # On a GPU machine: the check of BENCHMARKS.md's GPU figures, into $(OUT)/gpu-check.log.

@@ -110,7 +110,9 @@ def bench(mc, tc, bc, d, tmp):
         step()
     if d.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(d.device)
+    cpu_start = time.process_time()
     dt = timed(step, bc.steps, d.device)
+    cpu_time = (time.process_time() - cpu_start) / bc.steps  # every thread's: steadier than dt under load
     memory = peak_memory(d.device)
     if d.device_type == "cpu":
         memory += f"; freed memory kept for reuse: {'yes' if d.kept_freed_memory else 'no (glibc absent or refused)'}"
@@ -151,6 +153,9 @@ def bench(mc, tc, bc, d, tmp):
               f"{torch.get_num_threads()} threads; {bc.steps} steps after {bc.warmup} warm-up")
         print(f"tokens/s    {rate:,.0f}")
         print(f"ms/step     {dt * 1000:.1f}")
+        print(f"cpu         {cpu_time * 1000:.1f} ms of CPU time per step (all threads of this process)"
+              + (f"; denormals flushed to zero: {'yes' if d.flushed_denormals else 'no'}" if d.device_type == "cpu"
+                 else ""))
         print(f"mfu         {mfu}")
         print(f"memory      {memory}")
         print(f"loader      {load * 1000:.2f} ms/step = {load / dt * 100:.2f}% of a step")

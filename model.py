@@ -45,6 +45,18 @@ class GPTConfig:
     n_expert: int = field(0, "0: one MLP per block (GPT-2); N: a mixture of N experts, each that MLP, and a "
                           "router per block (gpt_interventions/moe.py)")
     expert_top_k: int = field(1, "experts each token is routed to, 1 to n_expert (with n_expert > 0)")
+    moe_impl: str = field("sparse", "how the experts compute: sparse (each on the tokens routed to it: k MLPs "
+                          "of work per token) or dense (each on every token, zero gates where not routed: "
+                          "n_expert MLPs, static shapes); the same function up to rounding", choices=("sparse", "dense"))
+    moe_draws: str = field("apart", "order of the experts' initial draws: apart (the router and experts 1.. "
+                           "after every other weight, so n_expert moves no other weight's draw) or story "
+                           "(each block's router then its experts in the MLP's place, as the story's code "
+                           "builds them: his expert runs' initial weights at his seed)", choices=("apart", "story"))
+    parametrization: str = field("standard", "standard, or mup: hyperparameters that transfer across width "
+                                 "(muP, arXiv 2203.03466): at n_embd = m x mup_base_width the hidden matrices' "
+                                 "gpt2 init std and AdamW lr are divided by sqrt(m) and m, the logits by m, "
+                                 "attention scores are q.k x 8/head_size", choices=("standard", "mup"))
+    mup_base_width: int = field(256, "the width at which mup equals standard (with 64-wide heads): tune there")
 
     @property
     def padded_vocab(self):
@@ -57,6 +69,11 @@ class GPTConfig:
         so that 3*C*h exceeds GELU's 8*C^2 weights by at most 16*C, a fraction 2/C (3% at C = 32,
         exactly 8*C^2 at 768: h = 2048)."""
         return 8 * -(-self.n_embd // 3) if self.mlp == "swiglu" else 4 * self.n_embd
+
+    @property
+    def width_mult(self):
+        """muP's width ratio m = n_embd / mup_base_width; None under the standard parametrization."""
+        return self.n_embd / self.mup_base_width if self.parametrization == "mup" else None
 
 
 def make_norm(config, dim):
@@ -96,6 +113,9 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = make_norm(config, config.n_embd // config.n_head)
             self.k_norm = make_norm(config, config.n_embd // config.n_head)
         self.qk_norm = config.qk_norm
+        # muP: q.k / d_head, not / sqrt(d_head) (arXiv 2203.03466 sec. 4), times 8 so that it equals
+        # the standard scale at GPT-2's 64-wide heads; None: SDPA's own 1/sqrt(d_head)
+        self.scale = 8 / (config.n_embd // config.n_head) if config.parametrization == "mup" else None
 
     def forward(self, x, rope=None, keys=None):
         B, T, C = x.size()
@@ -110,7 +130,7 @@ class CausalSelfAttention(nn.Module):
         if keys is not None and self.training and self.dropout > 0:
             y = self.attention(q, k, v, keys)  # keyed masks: SDPA's dropout takes no mask
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
                                                dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y), keys)
@@ -119,7 +139,8 @@ class CausalSelfAttention(nn.Module):
         """Causal attention computed explicitly (as the book's code computes it), with dropout on
         the probabilities keyed per sequence: (B, nh, T, hs) each -> (B, nh, T, hs)."""
         T = q.size(-2)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, T)
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.size(-1))  # SDPA's default
+        att = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
         att = att.masked_fill(causal, float("-inf")).softmax(dim=-1)
         return self.attn_dropout(att, keys).to(v.dtype) @ v
@@ -196,7 +217,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab, bias=False)
         torch.set_rng_state(rng)
         if config.init == "gpt2":
-            for module in self._init_order():
+            for module in sum(self._init_order(), []):
                 self._init_gpt2(module)
         else:
             self._init_torch()
@@ -218,38 +239,62 @@ class GPT(nn.Module):
         """PyTorch's module defaults, which the book's GPTModel (and so the story's code) keeps:
         Embedding N(0, 1); Linear weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)); LayerNorm 1, 0.
 
-        Drawn module by module, the head included (a tied head is then replaced by wte), and the
-        QKV biases last, so that neither switch moves another weight's draw; with bias=False the
-        absent biases are drawn and dropped, for the same reason. The book's separate
-        W_query/W_key/W_value have the same fan_in as our fused c_attn, so the same distribution.
+        Drawn module by module, the head included (a tied head is then replaced by wte), then the
+        QKV biases, then the modules a mixture of experts adds (_init_order), so that no switch
+        moves another weight's draw: with bias=False the absent biases are drawn and dropped, and
+        so are absent QKV biases when experts are drawn after them (issue 21, defect 7); the head
+        and the routers never have one and draw none, as in the story's code. The
+        book's separate W_query/W_key/W_value have the same fan_in as our fused c_attn, so the
+        same distribution.
         """
         qkv = [block.attn.c_attn for block in self.transformer.h]
-        for module in self._init_order():
-            if isinstance(module, nn.Embedding):
-                self._rows(module).normal_(0.0, 1.0)
-            elif isinstance(module, nn.Linear):
-                bound = 1 / math.sqrt(module.in_features)
-                self._rows(module).uniform_(-bound, bound)
-                if module is self.lm_head or any(module is m for m in qkv):
-                    continue
-                bias = module.bias if module.bias is not None else torch.empty(module.out_features)
-                bias.uniform_(-bound, bound)
-            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                module.weight.fill_(1.0)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
+        # no bias drawn here: the QKV biases (below) and the Linears no switch gives a bias
+        no_bias = set(map(id, qkv + [self.lm_head] + [b.mlp.router for b in self.transformer.h
+                                                      if isinstance(b.mlp, MoE)]))
+        first, late = self._init_order()
+        for module in first:
+            self._draw_torch(module, no_bias)
         for module in qkv:
-            if module.bias is not None:
+            bias = module.bias if module.bias is not None else torch.empty(module.out_features) if late else None
+            if bias is not None:
                 bound = 1 / math.sqrt(module.in_features)
-                module.bias.uniform_(-bound, bound)
+                bias.uniform_(-bound, bound)
+        for module in late:
+            self._draw_torch(module, no_bias)
+
+    def _draw_torch(self, module, no_bias):
+        """Draw one module's own weights as PyTorch's defaults do (_init_torch); no bias for the
+        modules whose ids are in no_bias."""
+        if isinstance(module, nn.Embedding):
+            self._rows(module).normal_(0.0, 1.0)
+        elif isinstance(module, nn.Linear):
+            bound = 1 / math.sqrt(module.in_features)
+            self._rows(module).uniform_(-bound, bound)
+            if id(module) in no_bias:
+                return
+            bias = module.bias if module.bias is not None else torch.empty(module.out_features)
+            bias.uniform_(-bound, bound)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            module.weight.fill_(1.0)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
 
     def _init_order(self):
-        """Every module in the order the init draws its weights: as self.modules(), except that a
-        mixture of experts' router and experts after the first come last (MoE.drawn_late), so
-        that n_expert changes no other weight's draw."""
-        late = [m for block in self.transformer.h if isinstance(block.mlp, MoE) for m in block.mlp.drawn_late()]
+        """(modules drawn first, modules drawn last), together every module once. moe_draws=apart: as
+        self.modules(), except that a mixture of experts' router and experts after the first are
+        drawn last (MoE.drawn_late), so that n_expert changes no other weight's draw. story: as
+        self.modules() with each router just before its experts, nothing last: the story's code
+        builds the router and then the experts where the MLP was (interventions.md)."""
+        mixtures = [block.mlp for block in self.transformer.h if isinstance(block.mlp, MoE)]
+        if self.config.moe_draws == "story":
+            routers = set(id(m.router) for m in mixtures)
+            order = [m for m in self.modules() if id(m) not in routers]
+            for moe in mixtures:
+                order.insert(order.index(moe) + 1, moe.router)
+            return order, []
+        late = [m for moe in mixtures for m in moe.drawn_late()]
         skip = set(map(id, late))
-        return [m for m in self.modules() if id(m) not in skip] + late
+        return [m for m in self.modules() if id(m) not in skip], late
 
     @torch.no_grad()
     def _rows(self, module):
@@ -268,6 +313,8 @@ class GPT(nn.Module):
             std = 0.02
             if getattr(module, "RESIDUAL_SCALE", False):
                 std /= math.sqrt(2 * self.config.n_layer)
+            if self.config.width_mult and isinstance(module, nn.Linear) and self._hidden(module):
+                std /= math.sqrt(self.config.width_mult)  # muP: hidden weights' variance ~ 1/fan_in
             torch.nn.init.normal_(self._rows(module), mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 torch.nn.init.zeros_(module.bias)
@@ -275,6 +322,12 @@ class GPT(nn.Module):
             torch.nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 torch.nn.init.zeros_(module.bias)
+
+    def _hidden(self, module):
+        """A Linear inside the blocks: muP's hidden matrices (fan_in and fan_out grow with width). The
+        torch init's U(+-1/sqrt(fan_in)) already scales them as muP does; the gpt2 init's N(0, 0.02)
+        does not, so _init_gpt2 divides its std by sqrt(width_mult)."""
+        return any(module is m for m in self.transformer.h.modules())
 
     def num_params(self):
         """Every parameter counted once (a tied head is not counted twice), embeddings included;
@@ -307,7 +360,11 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x), torch.stack(balance).mean() if balance else None
 
     def softcap(self, logits):
-        """logit_softcap: cap * tanh(logits / cap) in float32, so that |logits| < cap; identity if 0."""
+        """The head's output -> logits: under mup divided by width_mult (muP's output multiplier, so
+        that the head's AdamW lr needs no width rule); then logit_softcap: cap * tanh(logits / cap)
+        in float32, so that |logits| < cap; identity if 0."""
+        if self.config.width_mult:
+            logits = logits / self.config.width_mult
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits.float() / cap) if cap else logits
 

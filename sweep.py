@@ -5,6 +5,8 @@
         [--effect=0.01 --noise_std=0.0017 (or --noise_from=RUNS) --hours_per_run=3 --usd_per_hour=2.5]
     sh DIR/run.sh                       # trains and evaluates every run, then compares them
     python sweep.py analyze out/NAME-* [--factor ...] [--split=test|val]
+    python sweep.py ladder --factor qkv_bias=False,True --rungs=2,4,6 --seeds=3 [--preset=TARGET.toml]
+    python sweep.py ladder --analyze out/NAME-* [--factor ...] [--preset=TARGET.toml]
 
 With --effect, plan says how many seeds per configuration detect that effect with 80% power
 under the design and the correction in force, and what the runs cost; without --seeds it plans them.
@@ -19,7 +21,7 @@ import shlex
 import sys
 from dataclasses import asdict, dataclass, replace
 
-from gpt_interventions import ROOT, design, stats
+from gpt_interventions import ROOT, design, ladder, stats
 from gpt_interventions.cli import field, load_preset, parse_config
 from gpt_interventions.errors import UsageError, run_main
 from gpt_interventions.results import IGNORED, REPLICATE, SPLIT_HELP, SPLITS, group_runs, judged_lines, load_runs
@@ -29,7 +31,8 @@ from gpt_interventions.tables import fmt, table
 from gpt_interventions.training import TrainConfig
 from model import GPTConfig
 
-USAGE = "plan --factor FIELD=A,B ... [--key=value ...] | analyze RUN_DIR_OR_GLOB... [--factor ...]"
+USAGE = ("plan --factor FIELD=A,B ... [--key=value ...] | analyze RUN_DIR_OR_GLOB... [--factor ...] | "
+         "ladder --factor FIELD=A,B [--rungs=2,4,6] | ladder --analyze RUN_DIR_OR_GLOB...")
 
 
 @dataclass
@@ -54,6 +57,12 @@ class SweepConfig:
     noise_n: int = field(0, "analyze: how many runs noise_std was measured on; 0: a known std (z)")
     noise_from: str = field("", "finished runs (directories or a glob) whose replicates' pooled std is the noise")
     split: str = field("test", f"analyze: {SPLIT_HELP}", choices=SPLITS)
+    rungs: str = field("2,4,6", "ladder: n_layer of each rung; width and heads follow the target's (--preset's) "
+                                "width per layer and head size (gpt_interventions/ladder.py)")
+    tokens_per_param: float = field(0.0, "ladder: training tokens per parameter of every rung; 0: the target's")
+    mup: bool = field(True, "ladder: parametrization=mup with the target's width as mup_base_width")
+    analyze: bool = field(False, "ladder: fit the finished runs and predict the target instead of planning")
+    bootstrap: int = field(1000, "ladder --analyze: bootstrap draws over seeds")
 
 
 @dataclass
@@ -129,8 +138,11 @@ def toml_value(v):
     return repr(v) if isinstance(v, (int, float)) else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def plan(factors, sc, argv, explicit):
-    rows, gens = plan_rows(factors, sc)
+def plan(factors, sc, argv, explicit, rows=None, tail=None, label=None):
+    """Write a preset per run and run.sh; rows: the level indices of each run (default: the design's);
+    tail(python, out_root, names): the script's last lines (default: compare.py, then analyze);
+    label(factors, row): a run's name after its number (default: run_label)."""
+    rows, gens = (rows, None) if rows is not None else plan_rows(factors, sc)
     power_lines = []
     if sc.effect:
         seeds, power_lines = power_plan(factors, rows, sc, explicit)
@@ -154,7 +166,7 @@ def plan(factors, sc, argv, explicit):
         flags = [f"--{k}={v[lvl]}" for f, lvl in zip(factors, row) for k, v in f.levels.items()]
         mc, tc = resolve(base_args + flags)
         for s in range(sc.seeds):
-            name = f"{prefix}-{i:02d}-{run_label(factors, row)}" + (f"-s{tc.seed + s}" if sc.seeds > 1 else "")
+            name = f"{prefix}-{i:02d}-{(label or run_label)(factors, row)}" + (f"-s{tc.seed + s}" if sc.seeds > 1 else "")
             values = {**asdict(mc), **asdict(tc), "seed": tc.seed + s, "run_name": name}
             keys = [k for k in base if k not in ("run_name", "out_dir")] + [k for f in factors for k in f.levels]
             keys += ["seed"] * (sc.seeds > 1) + ["run_name"]
@@ -172,19 +184,23 @@ def plan(factors, sc, argv, explicit):
     out_root = os.path.join("out", prefix)
     factor_args = " ".join(f"--factor {shlex.quote(' '.join(f'{k}={chr(44).join(map(str, v))}' for k, v in f.levels.items()))}"
                            for f in factors)
-    if any(rows[0]):  # the principal fraction of an odd k leaves the all-first-levels run out
+    if tail is not None:
+        script += tail(python, out_root, names)
+    elif any(rows[0]):  # the principal fraction of an odd k leaves the all-first-levels run out
         script.append("# the baseline configuration is not in this fraction: compare.py takes the first run as its baseline")
     # a factorial's effects need no baseline: a refused table (a diverged baseline) does not stop them
     survive = " || echo 'compare.py judged nothing; the factorial analysis follows'" * (sc.design != "one-at-a-time")
-    script.append(f"{python} {q(os.path.join(ROOT, 'compare.py'))} {q(out_root + '-*')} --baseline={q(names[0])} "
-                  f"--charts={q(sc.out + '/charts')} --correction={sc.correction}{survive}")
-    if sc.design != "one-at-a-time":
+    if tail is None:
+        script.append(f"{python} {q(os.path.join(ROOT, 'compare.py'))} {q(out_root + '-*')} --baseline={q(names[0])} "
+                      f"--charts={q(sc.out + '/charts')} --correction={sc.correction}{survive}")
+    if sc.design != "one-at-a-time" and tail is None:
         script.append(f"{python} {q(os.path.join(ROOT, 'sweep.py'))} analyze {q(out_root + '-*')} {factor_args} "
                       f"--correction={sc.correction}")
     with open(os.path.join(sc.out, "run.sh"), "w") as fh:
         fh.write("\n".join(script) + "\n")
     os.chmod(os.path.join(sc.out, "run.sh"), 0o755)
-    print(f"{sc.design} design, {len(rows)} configurations x {sc.seeds} seed(s) = {len(names)} runs")
+    print(f"{'ladder' if tail else sc.design + ' design'}, {len(rows)} configurations x {sc.seeds} seed(s) = "
+          f"{len(names)} runs")
     for j, f in enumerate(factors):
         print(f"  {design.LETTERS[j]}: {f.describe(0)}  ->  {f.describe(1) if len(f.levels[f.name]) == 2 else '...'}")
     if gens is not None:
@@ -349,7 +365,7 @@ def analyze(patterns, factors, sc):
 def main(argv):
     specs, rest = split_factors(argv)
     (sc,), positionals, explicit = parse_config(rest, [SweepConfig], "sweep.py", USAGE, max_positionals=10 ** 6)
-    if not positionals or positionals[0] not in ("plan", "analyze"):
+    if not positionals or positionals[0] not in ("plan", "analyze", "ladder"):
         raise UsageError(f"usage: sweep.py {USAGE}")
     factors = [parse_factor(s) for s in specs]
     fields = [k for f in factors for k in f.levels]
@@ -357,6 +373,8 @@ def main(argv):
     if twice:  # each run sets every factor's level: the later factor's would silently undo the earlier's
         raise UsageError(f"{', '.join(twice)} in more than one --factor; give a field one factor with every level "
                          f"it takes, e.g. --factor {twice[0]}=A,B,C (one-at-a-time designs take more than two)")
+    if positionals[0] == "ladder":
+        return ladder.main(factors, sc, positionals[1:], argv, explicit, plan, Factor, run_label)
     if positionals[0] == "plan":
         if not factors or len(positionals) > 1:
             raise UsageError("plan takes --factor FIELD=A,B (at least one) and no other arguments")

@@ -81,6 +81,19 @@ step 60 "sample.py" $py sample.py "$work/run" --device="$dev" --num_samples=2 --
 EXPECT=$auto_exit step 180 "auto micro-batch" $py train.py "${gpt163[@]}" "${auto[@]}" --auto_batch_size=True --dataset=sample \
   --data_dir="$work/data" --out_dir="$work/auto" --max_iters=2 --eval_interval=0 --eval_tokens=4096 --charts=False
 grep -h "micro-batch:" "$work/auto/log.txt" 2>/dev/null | tee -a "$log" || true
+
+# --- 6. Mixture of experts, sparse against dense (benchmarks/bench_moe.py; BENCHMARKS.md, "Mixture
+#    of experts, sparse against dense"): the story's 163M shape with 6 experts top-2 and 8 top-2,
+#    bf16 eager, each moe_impl: step time, one MoE layer's forward and backward, the experts' share.
+if [ "$dev" = cpu ]; then
+  moe=(--n_layer=1 --n_head=2 --n_embd=64 --block_size=32 --vocab_size=256 --batch_size=2 --steps=1 --warmup=1)
+else
+  moe=(--device=cuda --dtype=bfloat16 --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --vocab_size=50257
+       --batch_size=8 --steps=10 --warmup=3)
+fi
+step 300 "experts sparse against dense" $py benchmarks/bench_moe.py "${moe[@]}"
+# --- end of 6.
+
 rm -rf "$work"
 say ""; say "gpu-check done in ${SECONDS}s; full log: $log"
 if [ ${#failed[@]} -gt 0 ]; then say "FAILED: ${failed[*]}"; exit 1; fi

@@ -16,8 +16,9 @@ CHECKPOINT_VERSION = 1
 
 def model_config_of(saved):
     """A saved model config as today's GPTConfig fields: runs saved before the `init` switch
-    existed were initialised as GPT-2 (init = "gpt2"), whatever today's default."""
-    return {"init": "gpt2", **saved}
+    existed were initialised as GPT-2 (init = "gpt2"), and runs saved before `moe_impl` existed
+    computed their experts densely (so they resume bitwise), whatever today's defaults."""
+    return {"init": "gpt2", "moe_impl": "dense", **saved}
 
 
 def save_checkpoint(path, ckpt):

@@ -1,7 +1,9 @@
 """Device, torch.distributed and precision: set up once, used by every script.
 
-`setup_dist` picks the device and joins torchrun's process group (NCCL on CUDA, gloo on the CPU);
-`autocast` and `set_tf32` decide the numerics; `peak_flops` is the device's data-sheet peak for MFU.
+`setup_dist` picks the device and joins torchrun's process group (NCCL on CUDA, gloo on the CPU),
+and on the CPU sets the memory and floating-point modes every script runs under (keep_freed_memory,
+flush_denormals); `autocast` and `set_tf32` decide the numerics; `peak_flops` is the device's
+data-sheet peak for MFU.
 """
 
 import ctypes
@@ -23,6 +25,7 @@ class Dist:
     world_size: int
     device: str
     kept_freed_memory: bool = False  # keep_freed_memory() took effect (CPU, glibc)
+    flushed_denormals: bool = False  # flush_denormals() took effect on every intra-op thread (CPU)
 
     @property
     def master(self):
@@ -47,15 +50,16 @@ def setup_dist(device="auto"):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device=cuda but no CUDA device is available; use --device=cpu")
     kept = device == "cpu" and keep_freed_memory()
+    flushed = device == "cpu" and flush_denormals()
     if "RANK" not in os.environ:
-        return Dist(0, 0, 1, device, kept)
+        return Dist(0, 0, 1, device, kept, flushed)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return Dist(rank, local_rank, world_size, device, kept)
+    return Dist(rank, local_rank, world_size, device, kept, flushed)
 
 
 def keep_freed_memory():
@@ -80,6 +84,56 @@ def keep_freed_memory():
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+
+
+def flush_denormals():
+    """On the CPU: flush denormal floats to zero (x86's FTZ and DAZ) on this thread and on every
+    intra-op thread, so that no CPU run crawls through them.
+
+    A float32 below 2**-126 (1.2e-38) in magnitude is denormal, and x86 cores compute on one in
+    microcode, up to 100x slower. PyTorch's default init with a tied head (the story's weight-tying
+    run) gives logits of std about 28, so softmax probabilities, and the head's gradient with them,
+    fall below that: the tied tiny step ran 20x slower than the untied one (BENCHMARKS.md).
+    torch.set_flush_denormal sets the mode of the calling thread only. Threads started later
+    inherit it, but OpenMP's pool of intra-op threads (which PyTorch, MKL, oneDNN and compiled
+    kernels all share) may already be running, after any parallel op; so the same call also runs
+    once on every thread of that pool, through the OpenMP runtime's GOMP_parallel (GNU's libgomp;
+    LLVM's and Intel's runtimes export it too). The pool only grows from this thread afterwards.
+    Numbers change only where a denormal appears: it reads and is written as zero (float32 and
+    bfloat16 alike; float16 math on the CPU runs in float32 and is unaffected). CUDA kernels never
+    see this mode. Returns whether every thread's probe below flushed: False where the runtime
+    could not be reached (no /proc, another runtime) or the CPU has no such mode.
+    """
+    if not torch.set_flush_denormal(True):
+        return False
+    runtime = _openmp_runtime()
+    if runtime is not None:
+        on_each_thread = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _: torch.set_flush_denormal(True))
+        runtime.GOMP_parallel(on_each_thread, None, ctypes.c_uint(torch.get_num_threads()), ctypes.c_uint(0))
+    return denormals_flushed()
+
+
+def _openmp_runtime():
+    """The OpenMP runtime loaded in this process (the one PyTorch uses), or None."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "/lib" in line})
+    except OSError:
+        return None
+    for path in paths:
+        if os.path.basename(path).startswith(("libgomp", "libomp", "libiomp5")):
+            lib = ctypes.CDLL(path)  # already loaded: the same handle
+            if hasattr(lib, "GOMP_parallel"):
+                return lib
+    return None
+
+
+def denormals_flushed():
+    """Whether every intra-op thread flushes denormals: a product of two normal floats that is
+    denormal (1e-30 * 1e-10), computed in parallel over enough elements that each thread takes a
+    share (PyTorch splits elementwise ops in grains of 32,768), comes out zero everywhere."""
+    x = torch.full((2**16 * torch.get_num_threads(),), 1e-30, dtype=torch.float32)
+    return not (x * 1e-10).any().item()
 
 
 def teardown_dist():

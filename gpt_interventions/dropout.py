@@ -14,7 +14,6 @@ Without keys (a model called outside train.py's step: tests, notebooks) dropout 
 drawn from the global generator as nn.Dropout draws it.
 """
 
-import math
 import zlib
 
 import numpy as np
@@ -46,22 +45,29 @@ def site_number(name):
     return zlib.crc32(name.replace(".experts.0.", ".").encode())
 
 
-def keep_mask(keys, site, shape, p):
-    """(B, *shape) bool: which elements of each sequence's activation dropout keeps (B = len(keys))."""
-    index = torch.arange(math.prod(shape), device=keys.device)  # the element within the sequence
-    a = mix32(keys[:, 0] ^ site)[:, None]  # (B, 1)
-    b = mix32(keys[:, 1] ^ mix32(site ^ 0x5BD1E995))[:, None]  # (B, 1); mix32 takes Python ints too
-    u = mix32((mix32((index + a) & M32) + b) & M32)  # (B, n) uniform on [0, 2^32)
-    return (u >= round(p * 2**32)).view(len(keys), *shape)
+def keep_mask(keys, site, index, p):
+    """Which elements dropout keeps: keys (R, 2) of R rows, index (R or 1, n) each element's index
+    in its sequence -> (R, n) bool."""
+    a = mix32(keys[:, 0] ^ site)[:, None]  # (R, 1)
+    b = mix32(keys[:, 1] ^ mix32(site ^ 0x5BD1E995))[:, None]  # (R, 1); mix32 takes Python ints too
+    u = mix32((mix32((index + a) & M32) + b) & M32)  # (R, n) uniform on [0, 2^32)
+    return u >= round(p * 2**32)
 
 
 def keyed_dropout(x, keys, site, p):
-    """x (B, ...) or (B*T, C) rows in sequence order -> x with each sequence's mask applied,
-    scaled by 1/(1-p) as nn.Dropout scales."""
-    shape = x.shape
-    rows = x.reshape(len(keys), -1)
-    keep = keep_mask(keys, site, rows.shape[1:], p)
-    return (rows * (keep.to(x.dtype) / (1 - p))).view(shape)
+    """x with each sequence's mask applied, scaled by 1/(1-p) as nn.Dropout scales. Either x is
+    (B, ...) or (B*T, C) rows in sequence order and keys (B, 2) the sequences', or x is (R, C)
+    tokens in any order and keys a pair (each token's sequence key (R, 2), the index of its first
+    element in its sequence (R,)), as a mixture's experts see them (moe.py token_keys)."""
+    if isinstance(keys, tuple):
+        keys, first = keys
+        rows = x
+        index = first[:, None] + torch.arange(x.size(-1), device=x.device)  # (R, C)
+    else:
+        rows = x.reshape(len(keys), -1)
+        index = torch.arange(rows.size(1), device=x.device)[None]  # (1, n)
+    keep = keep_mask(keys, site, index, p)
+    return (rows * (keep.to(x.dtype) / (1 - p))).view(x.shape)
 
 
 class SequenceDropout(nn.Module):

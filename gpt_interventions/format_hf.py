@@ -22,7 +22,8 @@ BUFFERS = (".attn.bias", ".attn.masked_bias")
 # GPTConfig switches that change the function in a way GPT-2's architecture (and so the book's, which
 # is GPT-2's) cannot express, with what each is. bias=False is not here: zero biases hold it.
 NOT_GPT2 = {"position": "rotary positions", "norm": "RMSNorm", "qk_norm": "QK-norm", "mlp": "another MLP",
-            "logit_softcap": "soft-capped logits", "n_expert": "a mixture of experts"}
+            "logit_softcap": "soft-capped logits", "n_expert": "a mixture of experts",
+            "parametrization": "muP's scaled logits and attention"}
 
 
 def check_gpt2(config, fmt):

@@ -1,13 +1,13 @@
 """Mixture of experts: a block's MLP replaced by n_expert MLPs and a router that sends each token
-to its top-k of them (GPTConfig n_expert, expert_top_k; TrainConfig moe_aux_loss; interventions.md,
-"Mixture of experts").
+to its top-k of them (GPTConfig n_expert, expert_top_k, moe_impl, moe_draws; TrainConfig
+moe_aux_loss; interventions.md, "Mixture of experts").
 
 Each expert is the block's own MLP class, passed in by model.py, so every MLP variant is an
-expert without code here. The computation is dense: every expert runs on every token and the
-outputs of the experts a token was not routed to are multiplied by a zero gate. That keeps the
-shapes static (no data-dependent control flow: torch.compile and DDP see one graph, every
-parameter gets a gradient) and is exact, at the cost of n_expert MLPs per token where a sparse
-dispatch computes k. No capacity factor: no token is ever dropped.
+expert without code here. moe_impl=sparse (the default) runs each expert on the tokens routed to
+it, k MLPs of work per token; moe_impl=dense runs every expert on every token and multiplies the
+outputs of the experts a token was not routed to by a zero gate, n_expert MLPs per token but
+static shapes. Both compute the same function (equal up to float rounding, tests/test_moe_sparse.py)
+and both give every parameter a gradient. No capacity factor: no token is ever dropped.
 """
 
 import torch
@@ -57,23 +57,65 @@ class MoE(nn.Module):
 
     def __init__(self, config, expert):
         super().__init__()
-        self.n_expert, self.top_k = config.n_expert, config.expert_top_k
+        self.n_expert, self.top_k, self.impl = config.n_expert, config.expert_top_k, config.moe_impl
         self.experts = nn.ModuleList([expert(config) for _ in range(config.n_expert)])
         self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
 
     def forward(self, x, keys=None):
-        h = x.flatten(0, 1)  # (N, C) tokens, each sequence's T in a row (the experts' dropout keys them so)
+        """keys: the sequences' dropout keys (B, 2) or None; each expert drops by its tokens' keys."""
+        h = x.flatten(0, 1)  # (N, C) tokens
         gates, probs, chosen = route(self.router(h), self.top_k)  # (N, E), (N, E), (N, k)
-        y = gates[:, :1] * self.experts[0](h, keys)  # dense: every expert on every token, zero gate if not chosen
-        for e in range(1, self.n_expert):
-            y = y + gates[:, e:e + 1] * self.experts[e](h, keys)
+        tokens = token_keys(keys, x.shape)
+        y = self.sparse(h, gates, chosen, tokens) if self.impl == "sparse" else self.dense(h, gates, tokens)
         return y.view_as(x), balance_loss(probs, chosen)
+
+    def dense(self, h, gates, tokens=None):
+        """h (N, C) -> (N, C): every expert on every token, a zero gate where it was not chosen."""
+        y = gates[:, :1] * self.experts[0](h, tokens)
+        for e in range(1, self.n_expert):
+            y = y + gates[:, e:e + 1] * self.experts[e](h, tokens)
+        return y
+
+    def sparse(self, h, gates, chosen, tokens=None):
+        """h (N, C) -> (N, C): each expert on the tokens routed to it, what dense computes.
+
+        The N*k (token, expert) pairs are grouped by expert with a stable sort, each expert runs on
+        its slice, and each token's k weighted outputs go back to their pairs and are summed in
+        ascending expert order, the order in which dense adds them. Every expert runs, on no
+        tokens if none chose it, so every parameter gets a gradient (zeros), as DDP needs. The
+        slices' sizes are data: one host sync per layer, and under torch.compile unbacked
+        symbolic sizes (step.wrap_model), one graph whatever the routing.
+        """
+        k = self.top_k
+        chosen = chosen.sort(dim=-1).values  # (N, k) each token's experts in ascending order
+        pairs = chosen.flatten()  # (N*k,) the expert of pair t*k + j: token t's j-th
+        order = pairs.argsort(stable=True)  # (N*k,) pairs grouped by expert, tokens in order
+        # tokens per expert; one_hot, not bincount, whose output shape torch.compile cannot know
+        counts = F.one_hot(pairs, self.n_expert).sum(dim=0).tolist()
+        rows = order // k  # (N*k,) the token of each grouped pair
+        parts = h[rows].split(counts)  # each expert's tokens, (count_e, C)
+        keys = [None] * self.n_expert if tokens is None else \
+            zip(tokens[0][rows].split(counts), tokens[1][rows].split(counts))  # each part's tokens' keys
+        out = torch.cat([expert(part, key) for expert, part, key in zip(self.experts, parts, keys)])  # (N*k, C)
+        out = out * gates.gather(1, chosen).flatten()[order, None]
+        y = torch.empty_like(out).index_copy(0, order, out)  # (N*k, C) back in pair order
+        return y.view(-1, k, y.size(-1)).sum(dim=1)
 
     def drawn_late(self):
         """The modules whose initial weights are drawn after every other (model.py GPT._init_order):
         the router and experts 1..E-1, so that expert 0 draws what the dense MLP would have and
         switching MoE on moves no other weight's draw."""
         return [self.router, *(m for expert in self.experts[1:] for m in expert.modules())]
+
+
+def token_keys(keys, shape):
+    """Sequence keys (B, 2) of x (B, T, C) -> (each token's key (B*T, 2), the index of its first
+    element in its sequence (B*T,)): an expert sees tokens, in any order, and drops each as the
+    dense MLP drops it (gpt_interventions/dropout.py); None without keys."""
+    if keys is None:
+        return None
+    B, T, C = shape
+    return keys.repeat_interleave(T, dim=0), torch.arange(T, device=keys.device).repeat(B) * C
 
 
 @torch.no_grad()

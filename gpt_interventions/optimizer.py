@@ -26,6 +26,12 @@ def configure_optimizer(model, tc, device_type):
     assert len(ids) == len(set(ids)) == len(params), "each parameter must be optimised exactly once"
     groups = [{"params": decay, "weight_decay": tc.weight_decay, "peak_lr": tc.learning_rate},
               {"params": no_decay, "weight_decay": 0.0, "peak_lr": tc.learning_rate}]
+    m = model.config.width_mult
+    if m:  # muP for Adam (arXiv 2203.03466, Table 3): the hidden matrices' lr ~ 1/fan_in, so lr / m
+        hidden = {id(p) for name, p in params.items() if is_hidden_matrix(name, p)}
+        groups.insert(0, {"params": [p for p in decay if id(p) in hidden], "weight_decay": tc.weight_decay,
+                          "peak_lr": tc.learning_rate / m, "lr": tc.learning_rate / m})
+        groups[1]["params"] = [p for p in decay if id(p) not in hidden]
     adamw = torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(tc.beta1, tc.beta2), eps=tc.eps,
                               fused=device_type == "cuda")
     if tc.optimizer == "adamw":

@@ -13,6 +13,10 @@ from gpt_interventions.dropout import sequence_keys
 def wrap_model(model, tc, d):
     """(compiled model, its DDP wrapper or itself): compile first, then DDP; `model` stays the
     plain module that checkpoints save."""
+    if tc.compile and model.config.n_expert and model.config.moe_impl == "sparse":
+        # the experts' token counts are data (moe.MoE.sparse): traced as unbacked symbolic sizes,
+        # one graph and no recompiles, instead of a graph break at every layer
+        torch._dynamo.config.capture_scalar_outputs = True
     fwd_model = torch.compile(model) if tc.compile else model
     if d.world_size == 1:
         return fwd_model, fwd_model

@@ -89,15 +89,15 @@ class TrainConfig:
 
 
 POSITIVE = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "log_interval",
-            "checkpoint_interval", "learning_rate", "muon_lr"}
+            "checkpoint_interval", "learning_rate", "muon_lr", "mup_base_width"}
 FRACTIONS = {"dropout", "beta1", "beta2", "muon_momentum"}  # in [0, 1)
-MAX_EXPERTS = 256  # DeepSeek-V3's routed experts per layer; the dense computation runs every one
+MAX_EXPERTS = 256  # DeepSeek-V3's routed experts per layer
 
 # Fields that may differ when a run is resumed: they change how, not what, it computes.
 RUNTIME_FIELDS = {"resume", "out_dir", "run_name", "data_dir", "batch_size", "auto_batch_size",
                   "gradient_accumulation_steps", "compile", "device", "log_interval",
                   "eval_interval", "eval_batch_size", "checkpoint_interval", "keep_checkpoints",
-                  "nonfinite", "charts", "tracker", "dry_run"}
+                  "nonfinite", "charts", "tracker", "dry_run", "moe_impl"}
 # deterministic is not among them: its algorithms give other numbers (a repeat's spread is only
 # the hardware's among runs that agree on it)
 # max_iters/max_tokens are not among them: the cosine schedule of the remaining steps depends on them.
@@ -127,11 +127,14 @@ def make_plan(mc, tc, world_size):
     if mc.position == "rope" and mc.n_embd // mc.n_head % 2:
         raise UsageError(f"--position=rope rotates pairs of dimensions: the head size n_embd/n_head = "
                          f"{mc.n_embd // mc.n_head} must be even")
+    if mc.parametrization == "mup" and tc.optimizer == "muon" and tc.muon_adjust_lr != "original":
+        raise UsageError("--parametrization=mup with --optimizer=muon needs --muon_adjust_lr=original (its "
+                         "sqrt(rows/cols) is the width rule); match_rms_adamw's lr grows with width")
     if mc.rope_base <= 1:
         raise UsageError(f"--rope_base must be greater than 1, got {mc.rope_base}")
     if mc.n_expert > MAX_EXPERTS:
-        raise UsageError(f"--n_expert {mc.n_expert} is more than {MAX_EXPERTS}: every expert runs on every token "
-                         "here (gpt_interventions/moe.py); use fewer")
+        raise UsageError(f"--n_expert {mc.n_expert} is more than {MAX_EXPERTS}: each expert is a module "
+                         "of its own here (gpt_interventions/moe.py); use fewer")
     if mc.n_expert and not 1 <= mc.expert_top_k <= mc.n_expert:
         raise UsageError(f"--expert_top_k must be from 1 to n_expert ({mc.n_expert}), got {mc.expert_top_k}")
     micro = tc.batch_size * mc.block_size * world_size  # tokens in one micro-batch over all ranks

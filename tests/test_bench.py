@@ -47,9 +47,10 @@ def test_bench_prints_every_field_and_writes_a_profile(tmp_path, capsys):
                           "--device=cpu", "--steps=2", "--warmup=1", f"--profile={tmp_path / 'prof'}"])
     out = capsys.readouterr().out
     lines = dict(line.split(None, 1) for line in out.strip().splitlines())
-    assert set(lines) == {"model", "step", "tokens/s", "ms/step", "mfu", "memory", "loader", "eval", "profile"}
+    assert set(lines) == {"model", "step", "tokens/s", "ms/step", "cpu", "mfu", "memory", "loader", "eval", "profile"}
     assert float(lines["tokens/s"].replace(",", "")) > 0 and float(lines["ms/step"]) > 0
     assert lines["mfu"] == "n/a (no known peak throughput for cpu)"
+    assert float(lines["cpu"].split()[0]) > 0 and lines["cpu"].endswith("denormals flushed to zero: yes")
     assert lines["step"].startswith("256 tokens = 1 ranks x 2 x 4 x 32")
     assert lines["eval"].endswith("(16 windows, batch 4)")  # as many tokens as 2 timed steps of 256
     if platform.libc_ver()[0] == "glibc":
@@ -155,6 +156,30 @@ def test_keep_freed_memory_stops_the_page_faults_of_large_tensors():
     default, kept = faults("default"), faults("keep")
     assert default > 100_000
     assert kept < default / 4
+
+
+# In a fresh process with 2 intra-op threads whose pool already runs: the share of a parallel
+# product's elements that came out as zero where the exact result (1e-40) is a float32 denormal.
+FLUSHED_SHARE = """
+import torch
+from gpt_interventions.device import setup_dist
+def flushed():
+    return (torch.full((2**20,), 1e-30) * 1e-10 == 0).float().mean().item()
+before = flushed()  # the first parallel op starts the pool
+torch.set_flush_denormal(True)  # the calling thread only
+main_only = flushed()
+setup_dist("cpu")
+print(before, main_only, flushed())
+"""
+
+
+def test_setup_dist_flushes_denormals_on_every_intra_op_thread():
+    # why: the tied head's denormal gradients made the tied tiny step 20x slower (BENCHMARKS.md)
+    out = subprocess.run([sys.executable, "-c", FLUSHED_SHARE], cwd=ROOT, capture_output=True, text=True,
+                         check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    before, main_only, after = map(float, out.stdout.split())
+    assert before == 0.0 and main_only == 0.5  # the main thread's half only: the pool kept its mode
+    assert after == 1.0
 
 
 @pytest.mark.slow

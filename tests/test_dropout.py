@@ -36,22 +36,26 @@ def test_mix32_is_a_bijection_and_the_masks_keep_one_minus_p():
     assert len(torch.unique(mix32(x))) == 2**16 and mix32(x).max() < 2**32
     assert mix32(12345) == int(mix32(torch.tensor(12345)))  # Python ints and tensors alike
     keys = sequence_keys(0, 0, 0, 16, "cpu")
-    keep = keep_mask(keys, 7, (2, 64, 64), 0.1)
+    index = torch.arange(2 * 64 * 64)[None]  # each element's index in its sequence
+    keep = keep_mask(keys, 7, index, 0.1).view(16, 2, 64, 64)
     assert keep.shape == (16, 2, 64, 64)
     assert keep.float().mean().item() == pytest.approx(0.9, abs=0.003)  # 131,072 draws: 4 standard errors
     assert keep[:, :, :, 0].float().mean().item() == pytest.approx(0.9, abs=0.03)  # no stripes
-    assert not torch.equal(keep, keep_mask(keys, 8, (2, 64, 64), 0.1))  # each site its own masks
+    assert not torch.equal(keep, keep_mask(keys, 8, index, 0.1).view(16, 2, 64, 64))  # each site its own masks
     assert not torch.equal(keep[0], keep[1])  # each sequence its own
 
 
 def test_a_sequence_draws_the_same_masks_in_any_micro_batch():
     torch.manual_seed(0)
     model = GPT(tiny(n_expert=2, expert_top_k=1)).train()  # every site: embedding, attention, residuals, experts
+    dense = GPT(tiny(n_expert=2, expert_top_k=1, moe_impl="dense")).train()
+    dense.load_state_dict(model.state_dict())
     x, keys = tokens(8), sequence_keys(42, 3, 0, 8, "cpu")
     whole, _ = model(x, x, dropout_keys=keys)
     for rows in (slice(0, 4), slice(4, 8), slice(5, 6)):
         part, _ = model(x[rows], x[rows], dropout_keys=keys[rows])
         torch.testing.assert_close(part, whole[rows], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dense(x, x, dropout_keys=keys)[0], whole, rtol=1e-6, atol=1e-6)  # experts drop alike
     other, _ = model(x, x, dropout_keys=sequence_keys(42, 4, 0, 8, "cpu"))
     assert (other - whole).abs().max() > 0.1  # another step: other masks
 

@@ -39,6 +39,7 @@ def evaluate_cli(capsys, model, data_dir, ledger, *flags):
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.numerics
 def test_loss_equals_what_transformers_computes_on_the_same_windows(data_dir, tmp_path, capsys):
     hf = tiny_hf(tmp_path / "hf")
     row = evaluate_cli(capsys, str(tmp_path / "hf"), data_dir, tmp_path / "results.jsonl", "--batch_size=5")

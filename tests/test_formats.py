@@ -26,6 +26,7 @@ def ours(model, x):
 
 
 @pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.numerics
 def test_hf_gpt2_loads_with_equal_logits(tmp_path, tie):
     hf = tiny_hf(tmp_path / "hf", tie=tie)
     model, info = formats.load_model(str(tmp_path / "hf"))

@@ -210,6 +210,7 @@ def test_flops_per_token_is_the_matmuls_a_flop_counter_counts(switches):
 # (the last of 4) x slices of 600 (last 400); 2**19 one block and one slice.
 @pytest.mark.parametrize("chunk", [1, 7, 1500, 3000, 2**19])
 @pytest.mark.parametrize("pad_vocab", [False, True])
+@pytest.mark.numerics
 def test_nll_sum_equals_cross_entropy_of_the_full_logits(chunk, pad_vocab):
     torch.manual_seed(0)
     config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=1000, pad_vocab=pad_vocab)
@@ -229,6 +230,7 @@ def test_nll_sum_equals_cross_entropy_of_the_full_logits(chunk, pad_vocab):
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.numerics
 def test_nll_sum_under_bfloat16_autocast_matches_the_bfloat16_logits():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=101)).eval()

@@ -3,7 +3,6 @@ defining property, the default model unchanged bit for bit, and a tiny CPU run w
 trains, resumes bitwise, evaluates, samples, and is refused by the GPT-2-shaped exports in one line."""
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -33,16 +32,11 @@ from gpt_interventions.checkpoint import save_checkpoint
 from gpt_interventions.errors import UsageError
 from gpt_interventions.format_hf import to_hf
 from gpt_interventions.formats import export_hf, load_model
+from gpt_interventions.optimizer import configure_optimizer
 from gpt_interventions.step import accumulate_gradients
+from gpt_interventions.training import TrainConfig
 from model import GPT, GPTConfig, apply_rotary, rotary
-
-
-def digest(tensors):
-    h = hashlib.sha256()
-    for k, v in tensors.items():
-        h.update(k.encode())
-        h.update(v.detach().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+from reference_gpt import assert_plain_gpt2_run, gpt2_logits, gpt2_loss, weights_digest
 
 
 def tiny(**kw):
@@ -60,33 +54,37 @@ DEFAULTS = dict(position="learned", rope_base=10000.0, norm="layernorm", qk_norm
 
 # --- the default model is today's, bit for bit --------------------------------------------------
 
-# digests of (initial state dict, logits) and the loss's bits, taken on the code before these
-# switches existed (commit ea253c4), with the new fields at their defaults spelled out; in training
+# digests of the initial state dict, taken on the code before these switches existed (commit
+# ea253c4; random draws, the same on every machine), with the new fields at their defaults spelled
+# out; logits and loss against plain GPT-2 (tests/reference_gpt.py) in the same process, in training
 # mode with dropout 0.1, so that the dropout masks drawn after the init must agree too
-@pytest.mark.parametrize("init, switches, state, logits, loss", [
-    ("torch", {}, "1175e25c30395bb0", "9f9010d955c64ee1", "0x1.1687dc0000000p+2"),
-    ("torch", dict(qkv_bias=True, tie_weights=True, pad_vocab=True), "8596404ce0a5da92", "9e1eceb2ba6e23dd",
-     "0x1.f53b940000000p+0"),
-    ("gpt2", {}, "97dfad7f1bab9fdd", "62f26bafebe928ae", "0x1.f30f420000000p+1"),
-    ("gpt2", dict(qkv_bias=True, tie_weights=True, pad_vocab=True), "92df3c6971eef4ed", "15b9a961fe9cf415",
-     "0x1.ddcf300000000p+1")])
-def test_defaults_give_the_same_weights_logits_and_loss_as_before(init, switches, state, logits, loss):
+@pytest.mark.parametrize("init, switches, state", [
+    ("torch", {}, "1175e25c30395bb0"),
+    ("torch", dict(qkv_bias=True, tie_weights=True, pad_vocab=True), "8596404ce0a5da92"),
+    ("gpt2", {}, "97dfad7f1bab9fdd"),
+    ("gpt2", dict(qkv_bias=True, tie_weights=True, pad_vocab=True), "92df3c6971eef4ed")])
+@pytest.mark.numerics
+def test_defaults_give_the_same_weights_logits_and_loss_as_plain_gpt2(init, switches, state):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=50, init=init, **switches,
                           **DEFAULTS))
+    assert weights_digest(model.state_dict()) == state
     idx = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1))
+    rng = torch.get_rng_state()
     out, got = model(idx, idx)
-    assert (digest(model.state_dict()), digest({"l": out}), got.item().hex()) == (state, logits, loss)
+    torch.set_rng_state(rng)
+    ref = gpt2_logits(model.state_dict(), idx, 2, 50, dropout=0.1, training=True)
+    assert torch.equal(out, ref) and torch.equal(got, gpt2_loss(ref, idx))
     model.eval()
     assert torch.equal(model(idx, idx, z_loss=0.0)[1], model(idx, idx)[1])
 
 
-def test_a_checkpoint_from_before_the_switches_loads_with_their_defaults(data_dir, tmp_path):
-    # 4 steps with dropout, train.py end to end. (Its weights' digest, taken before these switches
-    # existed, changed on purpose when dropout masks became keyed per sequence,
-    # gpt_interventions/dropout.py; the model's own forward is still pinned above.)
+@pytest.mark.numerics
+def test_default_tiny_run_trains_the_same_weights_as_plain_gpt2(data_dir, tmp_path):
+    # 4 steps with dropout, train.py end to end, against a plain loop on plain GPT-2
     out = str(tmp_path / "run")
     train.main(tiny_flags(data_dir, out, max_iters=4, dropout=0.1, total_batch_size=128, charts=False))
+    assert_plain_gpt2_run(out)
     ckpt = ckpt_of(out)
     # a checkpoint saved before these fields existed loads with them at their defaults
     for name in DEFAULTS:
@@ -373,3 +371,37 @@ def test_sample_runs_on_a_switched_checkpoint(data_dir, tmp_path, capsys):
         sample.main([ckpt, "--max_new_tokens=8", "--device=cpu", "--num_samples=1"])
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] and texts[0].startswith("Every effort moves you")
+
+
+# --- compiled with dynamo's eager backend: the same kernels, the same bits ---------------------
+
+
+@pytest.mark.numerics
+def test_dynamo_with_the_eager_backend_trains_every_switch_bit_for_bit_as_eager():
+    # dynamo captures the same ATen calls and replays them in order, no decomposition, no fusion,
+    # the dropout masks drawn from the same RNG: forward, backward and 3 Muon steps of every
+    # architecture switch at once (experts, z-loss and the balancing loss too) keep every bit,
+    # seeded once, so that an RNG draw by the compilation would show (docs/testing.md)
+    switches = dict(STACKS["speedrun-like"], n_expert=4, expert_top_k=2, dropout=0.1)
+    z_loss = switches.pop("z_loss")
+
+    def train_3_steps(backend):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = GPT(tiny(**switches))
+        optimizer = configure_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-3), "cpu")
+        forward = torch.compile(model, backend=backend) if backend else model
+        losses = []
+        for step in range(3):
+            idx = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(step))
+            loss = forward(idx, idx, z_loss=z_loss, moe_aux_loss=0.01)[1]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        return losses, model.state_dict()
+
+    (eager, weights), (compiled, compiled_weights) = train_3_steps(None), train_3_steps("eager")
+    assert compiled == eager
+    for name in weights:
+        assert torch.equal(compiled_weights[name], weights[name]), name

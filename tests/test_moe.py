@@ -4,7 +4,6 @@ gpt_interventions/moe.py): one expert is the dense MLP, routing is top-k, the ba
 routing, resumes bitwise, evaluates, and is refused by the exports in one line."""
 
 import copy
-import hashlib
 import json
 import os
 
@@ -24,6 +23,7 @@ from gpt_interventions.shards import find_shards
 from gpt_interventions.training import TrainConfig
 from helpers import EXACT, assert_same_run, cli, read_metrics, tiny_flags
 from model import GPT, MLP, GPTConfig
+from reference_gpt import assert_plain_gpt2_run, gpt2_logits, gpt2_loss, weights_digest
 
 MOE = dict(n_expert=4, expert_top_k=2, moe_aux_loss=0.01)
 
@@ -32,18 +32,11 @@ def tiny(**kw):
     return GPTConfig(**{**dict(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=50), **kw})
 
 
-def digest(tensors):
-    h = hashlib.sha256()
-    for k, v in tensors.items():
-        h.update(k.encode())
-        h.update(v.detach().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 # --- one expert is the dense MLP ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train (dropout)", "eval"])
+@pytest.mark.numerics
 def test_one_expert_with_k1_computes_exactly_the_dense_mlp(training):
     config = tiny(dropout=0.1, n_expert=1, expert_top_k=1)
     torch.manual_seed(0)
@@ -62,23 +55,53 @@ def test_one_expert_with_k1_computes_exactly_the_dense_mlp(training):
     assert torch.equal(g_moe, g_dense)
 
 
+def shared_with_dense(state):
+    """The state dict's tensors that the dense model also has, under the dense model's names: everything
+    but the router and experts 1..E-1, expert 0 named as the block's MLP."""
+    return {k.replace(".experts.0.", "."): v for k, v in state.items()
+            if "router" not in k and (".experts." not in k or ".experts.0." in k)}
+
+
+# each other switch alone and all together, each with qkv_bias off and on (issue 21, defect 7: the
+# QKV biases were drawn after the router and experts 1..E-1, so experts moved them)
+OTHERS = [dict(), dict(tie_weights=True), dict(pad_vocab=True), dict(bias=False), dict(mlp="swiglu"),
+          dict(mlp="relu2"), dict(norm="rmsnorm"), dict(qk_norm=True), dict(position="rope"),
+          dict(zero_init_proj=True), dict(logit_softcap=5.0),
+          dict(tie_weights=True, pad_vocab=True, bias=False, mlp="swiglu", norm="rmsnorm", qk_norm=True,
+               position="rope", zero_init_proj=True, logit_softcap=5.0)]
+
+
 @pytest.mark.parametrize("init", ["torch", "gpt2"])
-def test_one_expert_model_is_the_dense_model_from_the_same_seed(init):
-    # expert 0 draws the dense MLP's initial weights and the router is drawn last, so switching
-    # experts on moves no other weight (GPT._init_order); with one expert the logits are the same
+@pytest.mark.parametrize("qkv_bias", [False, True], ids=["no qkv_bias", "qkv_bias"])
+def test_switching_experts_on_moves_no_other_weights_initial_draw(init, qkv_bias):
+    # expert 0 draws the dense MLP's initial weights and the router and experts 1..E-1 are drawn
+    # after every other weight, the QKV biases included, so switching experts on moves no other
+    # weight (GPT._init_order); and switching qkv_bias moves none of the experts' draws
+    for others in OTHERS:
+        config = dict(init=init, qkv_bias=qkv_bias, **others)
+        torch.manual_seed(0)
+        dense = GPT(tiny(**config)).state_dict()
+        for n_expert, k in ((1, 1), (2, 1), (4, 2), (6, 2), (6, 6)):
+            torch.manual_seed(0)
+            moe = GPT(tiny(**config, n_expert=n_expert, expert_top_k=k)).state_dict()
+            shared = shared_with_dense(moe)
+            assert shared.keys() == dense.keys(), (others, n_expert)
+            for name, v in shared.items():
+                assert torch.equal(v, dense[name]), (others, n_expert, name)
+            torch.manual_seed(0)
+            flipped = GPT(tiny(**{**config, "qkv_bias": not qkv_bias}, n_expert=n_expert, expert_top_k=k)).state_dict()
+            for name, v in flipped.items():
+                if "router" in name or ".experts." in name:
+                    assert torch.equal(v, moe[name]), (others, n_expert, name)
+
+
+@pytest.mark.parametrize("init", ["torch", "gpt2"])
+@pytest.mark.numerics
+def test_one_expert_model_computes_the_dense_model_from_the_same_seed(init):
     torch.manual_seed(0)
     dense = GPT(tiny(init=init))
     torch.manual_seed(0)
     moe = GPT(tiny(init=init, n_expert=1))
-    torch.manual_seed(0)
-    four = GPT(tiny(init=init, n_expert=4, expert_top_k=2))
-    d = dense.state_dict()
-    for model in (moe, four):
-        shared = {k: v for k, v in model.state_dict().items() if "router" not in k and ".experts." not in k
-                  or ".experts.0." in k}
-        assert len(shared) == len(d)
-        for k, v in shared.items():
-            assert torch.equal(v, d[k.replace(".experts.0.", ".")]), k
     idx = torch.randint(0, 50, (2, 8))
     torch.manual_seed(3)
     logits, loss = dense(idx, idx)
@@ -184,37 +207,32 @@ def test_off_by_default():
     assert not any(isinstance(m, MoE) for m in GPT(tiny()).modules())
 
 
-# Pinned on the code before mixture of experts existed (commit ea253c4), on this project's CPU
-# (x86-64, torch 2.13 CPU build, float32): initial weights, the forward's loss and logits in
-# train mode (dropout drawn from seed 3) and in eval mode.
-@pytest.mark.parametrize("init, weights, train_loss, train_logits, eval_loss, eval_logits", [
-    ("torch", "1175e25c30395bb0", 4.267843246459961, "fef46659dd0fe740", 4.328347682952881, "106fe8007a98f212"),
-    ("gpt2", "97dfad7f1bab9fdd", 3.900477409362793, "f297cdcec0aac107", 3.895324945449829, "58d1a1a33de794b3")])
-def test_default_model_is_bit_identical_to_before(init, weights, train_loss, train_logits, eval_loss, eval_logits):
+# The initial weights' digests were taken on the code before mixture of experts existed (commit
+# ea253c4; random draws, the same on every machine); the loss and logits in train mode (dropout
+# drawn from seed 3) and in eval mode against plain GPT-2 (tests/reference_gpt.py), bit for bit.
+@pytest.mark.parametrize("init, weights", [("torch", "1175e25c30395bb0"), ("gpt2", "97dfad7f1bab9fdd")])
+@pytest.mark.numerics
+def test_default_model_is_bit_identical_to_plain_gpt2(init, weights):
     torch.manual_seed(0)
     model = GPT(tiny(init=init))
-    assert digest(model.state_dict()) == weights
+    assert weights_digest(model.state_dict()) == weights
     idx = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1))
-    torch.manual_seed(3)
-    logits, loss = model(idx, idx)
-    assert loss.item() == train_loss and digest({"": logits}) == train_logits
-    model.eval()
-    logits, loss = model(idx, idx)
-    assert loss.item() == eval_loss and digest({"": logits}) == eval_logits
+    for training in (True, False):
+        model.train(training)
+        torch.manual_seed(3)
+        logits, loss = model(idx, idx)
+        torch.manual_seed(3)
+        ref = gpt2_logits(model.state_dict(), idx, 2, 50, dropout=0.1, training=training)
+        assert torch.equal(logits, ref) and torch.equal(loss, gpt2_loss(ref, idx)), training
 
 
-def test_default_run_with_dropout_is_the_one_expert_run(data_dir, tmp_path):
-    # A 6-step tiny run with dropout: its losses were pinned before mixture of experts existed
-    # (commit ea253c4) and changed on purpose when dropout masks became keyed per sequence
-    # (gpt_interventions/dropout.py). Now: a dense run is exactly the run of one expert with k = 1
-    # (expert 0 draws the dense MLP's weights and drops at the dense MLP's dropout site).
-    dense, one = str(tmp_path / "dense"), str(tmp_path / "one")
-    train.main(tiny_flags(data_dir, dense, max_iters=6, dropout=0.1, eval_interval=3))
-    train.main(tiny_flags(data_dir, one, max_iters=6, dropout=0.1, eval_interval=3, n_expert=1, expert_top_k=1))
-    rows = read_metrics(dense)
-    assert not any(ROUTING in r for r in rows)
-    losses = [[r.get("loss", r.get("val_loss")) for r in read_metrics(run)] for run in (dense, one)]
-    assert len(losses[0]) == 8 and losses[0] == losses[1]
+@pytest.mark.numerics
+def test_default_run_is_bit_identical_to_plain_gpt2(data_dir, tmp_path):
+    # a 6-step tiny run with dropout and validation, against a plain loop on plain GPT-2
+    out = str(tmp_path / "run")
+    train.main(tiny_flags(data_dir, out, max_iters=6, dropout=0.1, eval_interval=3))
+    assert not any(ROUTING in r for r in read_metrics(out))
+    assert_plain_gpt2_run(out)
 
 
 # --- a tiny run: trains, logs and charts routing, resumes bitwise, evaluates ----------------------

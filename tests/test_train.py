@@ -116,6 +116,7 @@ def test_run_directory_contents(data_dir, tmp_path):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("batch_size", [4, 2])
+@pytest.mark.numerics
 def test_gradient_accumulation_gives_the_same_losses(data_dir, tmp_path, batch_size, dropout):
     # 256 tokens per step = 8 sequences of 32: 1 x 8 against 2 x 4 and 4 x 2 micro-batches; with
     # dropout too, as its masks are keyed by each sequence's index in the step
@@ -126,6 +127,7 @@ def test_gradient_accumulation_gives_the_same_losses(data_dir, tmp_path, batch_s
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
+@pytest.mark.numerics
 def test_same_seed_is_bitwise_deterministic(data_dir, tmp_path):
     a = curve(run(data_dir, tmp_path / "a", dropout=0.1))
     b = curve(run(data_dir, tmp_path / "b", dropout=0.1))
@@ -157,6 +159,7 @@ def test_the_train_shards_are_one_stream_read_across_their_boundaries(tmp_path):
             assert (x.ravel() == rows[:-1]).all() and (y.ravel() == rows[1:]).all()
 
 
+@pytest.mark.numerics
 def test_resume_after_sigterm_is_bitwise_exact(data_dir, tmp_path, monkeypatch, capsys):
     overrides = dict(max_iters=12, dropout=0.1, lr_schedule="cosine", warmup_iters=3, grad_clip=1.0)
     full = run(data_dir, tmp_path / "full", **overrides)
