@@ -178,8 +178,9 @@ def test_flops_per_token_of_gpt2_small():
 def counted_flops_per_token(model, rows=2):
     """Training FLOPs per token as torch's FlopCounterMode counts the matmuls of one forward and
     backward (with the math attention, whose two matmuls it counts; the CPU's flash kernel it does
-    not), less, with experts, what the dense mixture computes in the experts a token is not
-    routed to: n_layer x (n_expert - top_k) x one expert's forward and backward, counted alike."""
+    not), less, with the dense mixture of experts, what it computes in the experts a token is not
+    routed to: n_layer x (n_expert - top_k) x one expert's forward and backward, counted alike
+    (the sparse mixture runs each expert on its tokens only, which the counter counts as it is)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     c = model.config
@@ -187,7 +188,7 @@ def counted_flops_per_token(model, rows=2):
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         model(x, x)[1].backward()
     per_token = counter.get_total_flops() / (rows * c.block_size)
-    if c.n_expert:
+    if c.n_expert and c.moe_impl == "dense":
         h = torch.randn(rows * c.block_size, c.n_embd, requires_grad=True)
         with FlopCounterMode(display=False) as expert:
             model.transformer.h[0].mlp.experts[0](h).sum().backward()
@@ -197,8 +198,9 @@ def counted_flops_per_token(model, rows=2):
 
 @pytest.mark.parametrize("switches", [dict(), dict(tie_weights=True), dict(position="rope"), dict(pad_vocab=True),
                                       dict(qkv_bias=True, bias=False, mlp="swiglu"),
-                                      dict(n_expert=4, expert_top_k=2), dict(n_expert=3, expert_top_k=3, mlp="relu2")],
-                         ids=["untied", "tied", "rope", "pad_vocab", "swiglu", "experts", "all-experts"])
+                                      dict(n_expert=4, expert_top_k=2), dict(n_expert=4, expert_top_k=2, moe_impl="dense"),
+                                      dict(n_expert=3, expert_top_k=3, mlp="relu2")],
+                         ids=["untied", "tied", "rope", "pad_vocab", "swiglu", "experts", "dense-experts", "all-experts"])
 def test_flops_per_token_is_the_matmuls_a_flop_counter_counts(switches):
     torch.manual_seed(0)
     model = GPT(tiny(vocab_size=50, **switches))
