@@ -12,7 +12,9 @@ or z with another group's std or a given one (gpt_interventions/verdicts.py, sta
 verdicts of one table are corrected as a family (Holm by default), so that ten comparisons keep a
 5% chance of any false "better" or "worse". --results adds runs made elsewhere (CSV or JSONL);
 --reference adds models scored by eval.py (original GPT-2 weights, say) from its results ledger.
-Runs scored with `eval.py RUN --task=hellaswag` get a HellaSwag acc_norm column and a second
+Runs of several token budgets (a WSD run and its branched cooldowns, say) are judged budget by
+budget, each against the baseline's configuration at that budget, with one correction over the
+whole table. Runs scored with `eval.py RUN --task=hellaswag` get a HellaSwag acc_norm column and a second
 verdict table for it, judged the same way from the runs' spread (higher is better).
 A run's test loss is eval.py's float32 score of its final checkpoint (gpt_interventions/
 eval_results.py); a run without one is left out of the verdicts, listed, and never judged on its
@@ -27,11 +29,11 @@ from dataclasses import dataclass
 
 from gpt_interventions.cli import field, parse_config
 from gpt_interventions.errors import UsageError, run_main
-from gpt_interventions.results import (SPLIT_HELP, SPLITS, diff, find, group_runs, import_results, judged_lines,
-                                       load_runs)
+from gpt_interventions.results import (SPLIT_HELP, SPLITS, by_budget, diff, find, group_runs, import_results,
+                                       judged_lines, load_runs)
 from gpt_interventions.stats import CORRECTIONS, TESTS, format_p, summary
 from gpt_interventions.tables import table
-from gpt_interventions.verdicts import judge, noise_sources
+from gpt_interventions.verdicts import judge_budgets, noise_sources
 
 USAGE = "RUN_DIR_OR_GLOB... [--key=value ...]   (or --results=FILE)"
 
@@ -123,7 +125,7 @@ def accuracy_text(acc):
     return "n/a" if acc is None else f"{acc:.4f}"
 
 
-def run_table(runs, baseline, base_mean, cc, refs=()):
+def run_table(runs, baseline, means, cc, refs=()):
     scored = any(r.accuracy is not None for r in runs)  # the HellaSwag column only when a run has it
     headers = ["run", "interventions", "seed", f"{cc.split} loss", "delta", *(["hellaswag"] if scored else []),
                "train loss", "tokens", "wall", "tok/s"]
@@ -132,15 +134,17 @@ def run_table(runs, baseline, base_mean, cc, refs=()):
     for r in runs:
         seed = f"{r.config.get('seed')}" + (f"/d{r.config['data_seed']}" if r.config.get("data_seed") else "")
         loss = "n/a" if r.loss is None else f"{r.loss:.6f}"
-        delta = "" if r.loss is None else f"{r.loss - base_mean:+.6f}"
+        base_mean = means.get(id(r))  # its budget's baseline group's
+        delta = "" if r.loss is None or base_mean is None else f"{r.loss - base_mean:+.6f}"
         train, tokens, wall = r.last("loss"), r.last("tokens") or 0, r.wall_s
         row = [r.name, diff(r.config, baseline.config) or "baseline", seed, loss, delta,
                *([accuracy_text(r.accuracy)] if scored else []), f"{train:.4f}" if train is not None else "n/a",
-               f"{tokens:,}", hms(wall), f"{tokens / wall:,.0f}" if wall else "n/a"]
+               f"{tokens:,}", hms(wall), f"{r.own_tokens / wall:,.0f}" if wall else "n/a"]
         row += [f"{wall / 3600 * r.world_size * cc.usd_per_hour:.2f}"] if cc.usd_per_hour else []
         rows.append(row)
     for ref in refs:
-        delta = f"{ref.loss - base_mean:+.6f}"
+        base_mean = means.get(id(baseline))
+        delta = "" if base_mean is None else f"{ref.loss - base_mean:+.6f}"
         acc = [accuracy_text(ref.accuracy)] if scored else []
         rows.append([ref.name, "reference (eval.py)", "", f"{ref.loss:.6f}", delta, *acc]
                     + [""] * (len(headers) - 5 - len(acc)))
@@ -155,14 +159,16 @@ def verdict_text(c):
 
 
 def group_table(rows, cc, split):
-    """The verdicts; `split`: what every row's values are (test or val loss, hellaswag/val)."""
-    headers = ["group", "interventions", "split", "n", "mean", "std", "delta", "95% interval", "p", "p adj.",
-               "verdict", "test"]
+    """The verdicts; `split`: what every row's values are (test or val loss, hellaswag/val). A
+    budget column when the table holds several budgets."""
+    budgets = any(r.budget is not None for r in rows)
+    headers = [*(["budget (train tokens)"] if budgets else []), "group", "interventions", "split", "n", "mean", "std",
+               "delta", "95% interval", "p", "p adj.", "verdict", "test"]
     out = []
     for r in rows:
         std = f"{r.std:.6f}" if r.std is not None else "n/a"
-        head = [r.group.runs[0].name + (f" +{r.n - 1}" if r.n > 1 else ""), r.group.label, split, str(r.n),
-                f"{r.mean:.6f}", std]
+        head = [*([f"{r.budget:,}"] if budgets else []), r.group.runs[0].name + (f" +{r.n - 1}" if r.n > 1 else ""),
+                r.group.label, split, str(r.n), f"{r.mean:.6f}", std]
         c = r.comparison
         if c is None:
             out.append(head + ["", "", "", "", "baseline", ""])
@@ -172,7 +178,7 @@ def group_table(rows, cc, split):
     return table(headers, out, cc.markdown)
 
 
-def noise_lines(sources, noise, rows, cc):
+def noise_lines(sources, noises, rows, cc):
     """Where the run-to-run noise comes from, what judged single runs, and what the runs can see."""
     lines = []
     for kind, what in (("repeats", "identical configs and seeds: the hardware"),
@@ -182,8 +188,10 @@ def noise_lines(sources, noise, rows, cc):
             std, df = sources[kind]
             zero = " (zero: no noise estimate from these)" if std == 0 else ""
             lines.append(f"noise: {kind} ({what}) std {std:.6f}, df {df}{zero}")
-    if noise is not None:
-        lines.append(f"single runs are judged with the std {noise[0]:.6f} of {noise[2]}")
+    for budget, noise in noises:
+        if noise is not None:
+            at = f"at {budget:,} tokens, " if budget is not None else ""
+            lines.append(f"{at}single runs are judged with the std {noise[0]:.6f} of {noise[2]}")
     found = [r.detectable for r in rows if r.detectable is not None]
     if found:
         lines.append(f"smallest true difference these runs detect with 80% power ({cc.correction}): "
@@ -201,7 +209,8 @@ def json_rows(rows, cc, split):
                "runs": [x.name for x in r.group.runs if x.loss is not None],
                "n": r.n, "mean": r.mean, "std": r.std, "delta": 0.0 if c is None else c.delta,
                "ci_low": None, "ci_high": None, "p": None, "p_adjusted": None, "test": "",
-               "verdict": "baseline", "correction": cc.correction, "detectable": r.detectable}
+               "verdict": "baseline", "correction": cc.correction, "detectable": r.detectable,
+               **({"budget": r.budget} if r.budget is not None else {})}
         if c is not None:
             row.update(ci_low=c.low, ci_high=c.high, p=c.p, p_adjusted=c.p_adjusted, test=c.test,
                        verdict=c.verdict, correction=c.correction, paired=c.test.startswith("paired"))
@@ -212,29 +221,32 @@ def json_rows(rows, cc, split):
     return out_rows
 
 
-def report(runs, baseline, rows, refs, base_mean, sources, noise, cc, accuracy=None):
-    """The --json object; accuracy: the HellaSwag verdicts (rows, sources, noise) when runs have them."""
+def report(runs, baseline, t, refs, base_mean, cc, accuracy=None):
+    """The --json object of the loss verdicts `t`; accuracy: the HellaSwag verdicts when runs have them."""
+    rows = t.rows
     group_of = {id(run): r.group.label for r in rows for run in r.group.runs}
     out = {"baseline": baseline.name, "split": cc.split, "correction": cc.correction,
             "rows": json_rows(rows, cc, cc.split),
             "runs": [{"run": x.name, "dir": x.dir, "group": group_of.get(id(x)), "seed": x.config.get("seed"),
                       "data_seed": x.config.get("data_seed"), "loss": x.loss, "source": x.source,
-                      "scored": x.scored or None, "left_out": x.missing or None} for x in runs],
+                      "scored": x.scored or None, "left_out": x.missing or None, "budget": x.budget} for x in runs],
             "references": [{"name": f.name, "loss": f.loss, "delta": f.loss - base_mean}
                            for f in refs],
-            **noise_json(sources, noise)}
+            **noise_json(t)}
     if accuracy is not None:
-        acc_rows, acc_sources, acc_noise = accuracy
         out["runs"] = [{**r, "hellaswag": x.accuracy} for r, x in zip(out["runs"], runs)]
         out["references"] = [{**r, "hellaswag": f.accuracy} for r, f in zip(out["references"], refs)]
-        out["hellaswag"] = {"metric": "acc_norm", "rows": json_rows(acc_rows, cc, ACCURACY),
-                            **noise_json(acc_sources, acc_noise)}
+        out["hellaswag"] = {"metric": "acc_norm", "rows": json_rows(accuracy.rows, cc, ACCURACY), **noise_json(accuracy)}
     return out
 
 
-def noise_json(sources, noise):
-    return {"noise": {k: {"std": s, "df": df} for k, (s, df) in sources.items()},
-            "noise_used": None if noise is None else {"std": noise[0], "n": noise[1], "from": noise[2]}}
+def noise_json(t):
+    used = [None if n is None else {"std": n[0], "n": n[1], "from": n[2]} for _, n in t.noises]
+    out = {"noise": {k: {"std": s, "df": df} for k, (s, df) in t.sources.items()},
+           "noise_used": used[0] if used else None}
+    if len(t.noises) > 1:
+        out["noise_used_by_budget"] = {str(b): u for (b, _), u in zip(t.noises, used)}
+    return out
 
 
 def notes(runs, split):
@@ -270,6 +282,42 @@ def pick_noise(cc, runs, groups, loss=True):
     return None
 
 
+@dataclass
+class Verdicts:
+    """A verdict table over every token budget of the runs, and what judged it."""
+    rows: list      # verdicts.Verdict of every budget, each against its budget's baseline group
+    groups: list    # the replicate groups of every budget
+    sources: dict   # noise_sources of the groups
+    noises: list    # [(budget, the noise that judged its single runs, or None)]
+    means: dict     # id(run) -> its budget's baseline mean, for the deltas
+    unjudged: list  # budgets without a run of the baseline's configuration
+
+
+def judge_runs(runs, baseline, cc, loss=True):
+    """Each budget's groups against the baseline's configuration at that budget (one part of
+    budget None when the runs have one), corrected as one family. loss=False: HellaSwag accuracies,
+    higher is better, and a budget whose baseline has none is left out."""
+    source = find(runs, cc.noise_from, "noise_from") if cc.noise_from else None
+    parts, groups, noises, means, unjudged = [], [], [], {}, []
+    for budget, these, base in by_budget(runs, baseline):
+        if base is None:
+            unjudged.append(budget)
+            continue
+        gs = group_runs(these, base)
+        if not gs[0].losses:  # its baseline has no value (not yet evaluated, diverged): nothing to judge against
+            unjudged.append(budget)
+            continue
+        here = cc if source is None or source in these else dataclasses.replace(cc, noise_from="")  # its budget's
+        noise = pick_noise(here, these, gs, loss)
+        parts.append((budget, gs, noise))
+        groups += gs
+        noises.append((budget, noise))
+        mean = summary(gs[0].losses)[0] if gs[0].losses else None
+        means.update({id(r): mean for r in these})
+    rows = judge_budgets(parts, cc.correction, test=cc.test, higher_is_better=not loss)
+    return Verdicts(rows, groups, noise_sources(groups), noises, means, unjudged)
+
+
 def main(argv):
     (cc,), patterns, _ = parse_config(argv, [CompareConfig], "compare.py", USAGE, max_positionals=10 ** 6)
     if not patterns and not cc.results:
@@ -283,57 +331,53 @@ def main(argv):
         imported, imported_refs = import_results(cc.results)
         runs += imported
     baseline = find(runs, cc.baseline, "baseline") if cc.baseline else runs[0]
-    groups = group_runs(runs, baseline)
-    if not groups[0].losses:  # nothing could be judged: refuse rather than print a table of "baseline"
+    if not group_runs(runs, baseline)[0].losses:  # nothing could be judged: refuse rather than print a table of "baseline"
         others = [r.name for r in runs if r.loss is not None]
         instead = (f"name another with --baseline=RUN (runs with one: {', '.join(others)})" if others else
                    "no run has one" + (" (judge validation losses: --split=val)" if cc.split == "test" else ""))
         raise UsageError(f"baseline {baseline.name} has no {cc.split} loss to judge against ({baseline.missing}); "
                          f"{instead}")
-    noise = pick_noise(cc, runs, groups)
-    rows = judge(groups, noise, cc.correction, test=cc.test)
+    t = judge_runs(runs, baseline, cc)
     refs = load_references([s.strip() for s in cc.reference.split(",") if s.strip()], cc.ledger, runs)
     refs += [Reference(name, loss, None) for name, loss in imported_refs]
-    base_mean = summary(groups[0].losses)[0]
-    sources = noise_sources(groups)
     accuracy = judge_accuracy(runs, baseline, cc)
     if cc.json:
-        print(json.dumps(report(runs, baseline, rows, refs, base_mean, sources, noise, cc, accuracy), indent=2))
+        print(json.dumps(report(runs, baseline, t, refs, t.means.get(id(baseline)), cc, accuracy), indent=2))
     else:
-        print(run_table(runs, baseline, base_mean, cc, refs))
+        print(run_table(runs, baseline, t.means, cc, refs))
         print()
-        print(group_table(rows, cc, cc.split))
-        for line in noise_lines(sources, noise, rows, cc) + notes(runs, cc.split):
+        print(group_table(t.rows, cc, cc.split))
+        for line in noise_lines(t.sources, t.noises, t.rows, cc) + notes(runs, cc.split) + unjudged_lines(t, baseline):
             print(line)
         if accuracy is not None:
-            acc_rows, acc_sources, acc_noise = accuracy
             print()
             print("HellaSwag acc_norm (higher is better):")
-            print(group_table(acc_rows, cc, ACCURACY) if acc_rows else "no verdicts: the baseline has no HellaSwag "
+            print(group_table(accuracy.rows, cc, ACCURACY) if accuracy.rows else "no verdicts: the baseline has no HellaSwag "
                   f"accuracy (python eval.py {baseline.dir} --task=hellaswag)")
-            for line in noise_lines(acc_sources, acc_noise, acc_rows, cc):
+            for line in noise_lines(accuracy.sources, accuracy.noises, accuracy.rows, cc):
                 print(f"hellaswag {line}")
     if cc.charts:
         from gpt_interventions.charts import save
-        label = {id(run): g.label for g in groups for run in g.runs}
-        drawn = save([(r.name, r.rows, r.config.get("grad_clip", 0.0), label[id(r)]) for r in runs if r.rows],
-                     cc.charts)
+        label = {id(run): g.label for g in t.groups for run in g.runs}
+        drawn = save([(r.name, r.rows, r.config.get("grad_clip", 0.0), label.get(id(r), diff(r.config, baseline.config)))
+                      for r in runs if r.rows], cc.charts)
         if not cc.json:
             print(f"charts: {', '.join(drawn)}")
 
 
+def unjudged_lines(t, baseline):
+    return [f"not judged at {b:,} tokens: no run there in the baseline's configuration ({baseline.name}'s) has a "
+            "loss; train and evaluate one, e.g. as a branched cooldown" for b in t.unjudged if b is not None]
+
+
 def judge_accuracy(runs, baseline, cc):
-    """(verdict rows, noise sources, noise used) of the runs' HellaSwag acc_norm, by the code path of
-    the losses: the same groups, tests and correction; None when no run has an accuracy. Rows are
-    empty when the baseline's group has none."""
+    """The verdicts of the runs' HellaSwag acc_norm, by the code path of the losses: the same
+    groups, tests and correction; None when no run has an accuracy. Rows are empty when the
+    baseline's group has none."""
     if all(r.accuracy is None for r in runs):
         return None
     scored = [dataclasses.replace(r, loss=r.accuracy, source="hellaswag") for r in runs]
-    groups = group_runs(scored, next(s for s, r in zip(scored, runs) if r is baseline))
-    if not groups[0].losses:
-        return [], {}, None
-    noise = pick_noise(cc, scored, groups, loss=False)
-    return judge(groups, noise, cc.correction, test=cc.test, higher_is_better=True), noise_sources(groups), noise
+    return judge_runs(scored, next(s for s, r in zip(scored, runs) if r is baseline), cc, loss=False)
 
 
 if __name__ == "__main__":

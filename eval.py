@@ -1,6 +1,6 @@
 """Held-out loss: the exact token-weighted mean over fixed, non-overlapping windows of a split.
 
-    python eval.py MODEL [--dataset=story] [--split=test] [--eval_tokens=N] [--json] ...
+    python eval.py MODEL [--dataset=NAME] [--split=test] [--eval_tokens=N] [--json] ...
     python eval.py MODEL --export_hf=DIR      (or --export_book=DIR)
     python eval.py MODEL --task=hellaswag [--input=hellaswag_val.jsonl]
     python eval.py MODEL --push_to_hub=OWNER/NAME [--export_hf=DIR] [--public=True]
@@ -8,7 +8,9 @@
 
 MODEL is a checkpoint, a run directory, a Hugging Face GPT-2 directory or hub id, or a model in the
 book's format (gpt_interventions/formats.py), so our runs, the original GPT-2 weights and the
-story's own models are scored by the same code on the same tokens.
+story's own models are scored by the same code on the same tokens. One of our checkpoints is scored
+on the dataset it was trained on, any other model on the story's, unless --dataset says otherwise;
+a local MODEL is read before the data, so a wrong path is named as such.
 `evaluation.evaluate` is the one function that scores a model; train.py's validation calls it too.
 --task=hellaswag scores HellaSwag's validation accuracy instead (gpt_interventions/hellaswag.py).
 """
@@ -26,19 +28,22 @@ from gpt_interventions.cli import field, parse_config
 from gpt_interventions.device import print0, set_tf32, setup_dist, teardown_dist
 from gpt_interventions.errors import UsageError, run_main
 from gpt_interventions.evaluation import evaluate
-from gpt_interventions.formats import check_new_dir, export_book, export_hf, load_model
+from gpt_interventions.formats import check_new_dir, export_book, export_hf, is_download, load_model
 from gpt_interventions.loader import eval_windows
 from gpt_interventions.provenance import git_commit
 from gpt_interventions.publish import check_push, push_to_hub
 from gpt_interventions.shards import find_shards
 from gpt_interventions.tokenizer import get_tokenizer
 
+STORY = "story"  # the story's dataset: where GPT-2 and the book's models are scored by default
 USAGE = "MODEL [--key=value ...]   (MODEL: ckpt.pt, run directory, Hugging Face or book directory, or hub id)"
 
 
 @dataclass
 class EvalConfig:
-    dataset: str = field("story", "dataset directory under data_dir (made by prepare_data.py)")
+    dataset: str = field("", "dataset directory under data_dir (made by prepare_data.py); empty: the one a "
+                         "checkpoint of ours was trained on, else story (GPT-2, the book's and the story's "
+                         "models). A local MODEL is read first, so a wrong path is named as such")
     data_dir: str = field("data", "root of the prepared datasets")
     split: str = field("test", "which split to score", choices=("train", "val", "test"))
     eval_tokens: int = field(0, "token budget: the first eval_tokens // block_size windows; 0: the whole split")
@@ -75,8 +80,15 @@ def main(argv):
     if ec.input:
         raise UsageError("--input is the HellaSwag file of --task=hellaswag")
     d = setup_dist(ec.device)
+    download = is_download(spec)
+    if not download:  # a local model first: a wrong path is named as such, and it names its dataset
+        model, info = load_model(spec, d.device)
+    else:
+        info = {}
+    ec.dataset = ec.dataset or trained_on(info) or STORY
     shards = find_shards(ec.data_dir, ec.dataset, ec.split)  # before a model download: fail fast
-    model, info = load_model(spec, d.device)
+    if download:
+        model, info = load_model(spec, d.device)
     windows = eval_windows(shards, model.config.block_size, ec.eval_tokens)
     set_tf32(False)  # float32 means float32: TF32 matmuls would move the sixth decimal
     t0 = time.time()
@@ -92,6 +104,13 @@ def main(argv):
            f"{ec.dataset}/{ec.split} loss {loss:.6f} ppl {row['ppl']:.2f} tokens {tokens:,} "
            f"model {info['model']} ({duration(seconds)})")
     teardown_dist()
+
+
+def trained_on(info):
+    """The dataset one of our checkpoints was trained on; None for other models."""
+    if info.get("source") != "checkpoint":
+        return None
+    return ((info.get("config") or {}).get("train") or {}).get("dataset") or None
 
 
 def score_hellaswag(spec, ec):

@@ -21,9 +21,10 @@ import shlex
 import sys
 from dataclasses import asdict, dataclass, replace
 
-from gpt_interventions import ROOT, design, ladder, stats
+from gpt_interventions import ROOT, budgets, design, ladder, slurm, stats
 from gpt_interventions.cli import field, load_preset, parse_config
 from gpt_interventions.errors import UsageError, run_main
+from gpt_interventions.jobs import plan_jobs, toml_value, train_and_eval
 from gpt_interventions.results import IGNORED, REPLICATE, SPLIT_HELP, SPLITS, group_runs, judged_lines, load_runs
 from gpt_interventions.stats import CORRECTIONS
 from gpt_interventions.verdicts import pooled_std
@@ -56,6 +57,10 @@ class SweepConfig:
                                   "hold no replicates")
     noise_n: int = field(0, "analyze: how many runs noise_std was measured on; 0: a known std (z)")
     noise_from: str = field("", "finished runs (directories or a glob) whose replicates' pooled std is the noise")
+    budgets: str = field("", "plan: token budgets as fractions of the preset's length, e.g. 0.25,0.5,1: one WSD run "
+                             "per configuration and seed, and a cooldown branched from it for each shorter budget")
+    launcher: str = field("sh", "plan: sh: run.sh runs every run in turn; slurm: also an sbatch array script, one "
+                                "task a run", choices=("sh", "slurm"))
     split: str = field("test", f"analyze: {SPLIT_HELP}", choices=SPLITS)
     rungs: str = field("2,4,6", "ladder: n_layer of each rung; width and heads follow the target's (--preset's) "
                                 "width per layer and head size (gpt_interventions/ladder.py)")
@@ -132,17 +137,13 @@ def run_label(factors, row):
     return "_".join(parts) or "baseline"
 
 
-def toml_value(v):
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return repr(v) if isinstance(v, (int, float)) else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def plan(factors, sc, argv, explicit, rows=None, tail=None, label=None):
     """Write a preset per run and run.sh; rows: the level indices of each run (default: the design's);
     tail(python, out_root, names): the script's last lines (default: compare.py, then analyze);
     label(factors, row): a run's name after its number (default: run_label)."""
     rows, gens = (rows, None) if rows is not None else plan_rows(factors, sc)
+    if sc.budgets and (sc.design != "one-at-a-time" or tail is not None):
+        raise UsageError("--budgets plans one-at-a-time designs (compare.py judges each budget); drop --design")
     power_lines = []
     if sc.effect:
         seeds, power_lines = power_plan(factors, rows, sc, explicit)
@@ -151,36 +152,20 @@ def plan(factors, sc, argv, explicit, rows=None, tail=None, label=None):
     base_args = [sc.preset] if sc.preset else []
     prefix = os.path.basename(os.path.normpath(sc.out))
     os.makedirs(sc.out, exist_ok=True)
+    jobs, plan_budgets = plan_jobs(factors, rows, sc, base, base_args, prefix, resolve, label or run_label)
     # POSIX sh (Debian's and Ubuntu's sh is dash), the Python that planned it (the project's venv),
     # the scripts by absolute path, and the directory it was planned in for every relative path
     q = shlex.quote
     python = q(sys.executable)
     launch = (f"{python} -m torch.distributed.run --standalone --nproc_per_node={sc.torchrun} " if sc.torchrun
               else f"{python} ")
-    script = ["#!/bin/sh", f"# {len(rows) * sc.seeds} runs, written by: python sweep.py " + " ".join(map(q, argv)),
+    script = ["#!/bin/sh", f"# {len(jobs)} runs, written by: python sweep.py " + " ".join(map(q, argv)),
               "# Run it with sh from anywhere: it works in the directory it was planned in, with the Python",
               "# that planned it. A run with a test result already is skipped, so the script can be run",
               "# again after a failure.", "set -eu", f"cd {q(os.getcwd())}"]
-    names = []
-    for i, row in enumerate(rows):
-        flags = [f"--{k}={v[lvl]}" for f, lvl in zip(factors, row) for k, v in f.levels.items()]
-        mc, tc = resolve(base_args + flags)
-        for s in range(sc.seeds):
-            name = f"{prefix}-{i:02d}-{(label or run_label)(factors, row)}" + (f"-s{tc.seed + s}" if sc.seeds > 1 else "")
-            values = {**asdict(mc), **asdict(tc), "seed": tc.seed + s, "run_name": name}
-            keys = [k for k in base if k not in ("run_name", "out_dir")] + [k for f in factors for k in f.levels]
-            keys += ["seed"] * (sc.seeds > 1) + ["run_name"]
-            path = os.path.join(sc.out, f"{name}.toml")
-            with open(path, "w") as fh:
-                fh.write(f"# {sc.design} sweep {prefix}, run {i}: {', '.join(f.describe(l) for f, l in zip(factors, row))}\n")
-                fh.write("".join(f"{k} = {toml_value(values[k])}\n" for k in dict.fromkeys(keys)))
-            run_dir = os.path.join("out", name)  # train.py's default: the preset sets no out_dir
-            evals = f" --eval_tokens={sc.test_tokens}" if sc.test_tokens else ""
-            # an if-body, not an && list: under set -e a failed run stops the script there
-            script.append(f"if [ ! -f {q(run_dir + '/eval.json')} ]; then {launch}{q(os.path.join(ROOT, 'train.py'))} "
-                          f"{q(path)}; {launch}{q(os.path.join(ROOT, 'eval.py'))} {q(run_dir)} "
-                          f"--dataset={q(tc.dataset)} --data_dir={q(tc.data_dir)}{evals}; fi")
-            names.append(name)
+    for job in jobs:  # an if-body, not an && list: under set -e a failed run stops the script there
+        script.append(f"if [ ! -f {q(job.run_dir + '/eval.json')} ]; then {train_and_eval(job, launch, sc)}; fi")
+    names = [job.name for job in jobs]
     out_root = os.path.join("out", prefix)
     factor_args = " ".join(f"--factor {shlex.quote(' '.join(f'{k}={chr(44).join(map(str, v))}' for k, v in f.levels.items()))}"
                            for f in factors)
@@ -190,24 +175,36 @@ def plan(factors, sc, argv, explicit, rows=None, tail=None, label=None):
         script.append("# the baseline configuration is not in this fraction: compare.py takes the first run as its baseline")
     # a factorial's effects need no baseline: a refused table (a diverged baseline) does not stop them
     survive = " || echo 'compare.py judged nothing; the factorial analysis follows'" * (sc.design != "one-at-a-time")
+    compare_line = (f"{python} {q(os.path.join(ROOT, 'compare.py'))} {q(out_root + '-*')} --baseline={q(names[0])} "
+                    f"--charts={q(sc.out + '/charts')} --correction={sc.correction}")
     if tail is None:
-        script.append(f"{python} {q(os.path.join(ROOT, 'compare.py'))} {q(out_root + '-*')} --baseline={q(names[0])} "
-                      f"--charts={q(sc.out + '/charts')} --correction={sc.correction}{survive}")
+        script.append(compare_line + survive)
     if sc.design != "one-at-a-time" and tail is None:
         script.append(f"{python} {q(os.path.join(ROOT, 'sweep.py'))} analyze {q(out_root + '-*')} {factor_args} "
                       f"--correction={sc.correction}")
     with open(os.path.join(sc.out, "run.sh"), "w") as fh:
         fh.write("\n".join(script) + "\n")
     os.chmod(os.path.join(sc.out, "run.sh"), 0o755)
+    configurations = len(rows) * sc.seeds
     print(f"{'ladder' if tail else sc.design + ' design'}, {len(rows)} configurations x {sc.seeds} seed(s) = "
-          f"{len(names)} runs")
+          f"{configurations} runs" + (f", each with {len(plan_budgets) - 1} branched cooldown(s): {len(jobs)} runs in "
+                                      "all" if plan_budgets else ""))
     for j, f in enumerate(factors):
         print(f"  {design.LETTERS[j]}: {f.describe(0)}  ->  {f.describe(1) if len(f.levels[f.name]) == 2 else '...'}")
     if gens is not None:
         print(alias_report([[2 * l - 1 for l in r] for r in rows], len(factors), gens))
-    for line in power_lines + cost_lines(len(names), sc):
+    lengths = configurations
+    if plan_budgets:
+        line, per_run = budgets.cost_line(plan_budgets, jobs[0].tc)
+        power_lines.append(line)
+        lengths = configurations * per_run
+    for line in power_lines + cost_lines(lengths, sc):
         print(line)
     print(f"wrote {len(names)} presets and {os.path.join(sc.out, 'run.sh')}; run it with: sh {sc.out}/run.sh")
+    if sc.launcher == "slurm":
+        path = slurm.write_array(sc.out, jobs, [train_and_eval(job, "$LAUNCH ", sc) for job in jobs],
+                                 python, sc.torchrun, argv)
+        print(f"wrote {path}; submit it with: sbatch {path}; when its tasks are done: {compare_line}")
     return names
 
 
@@ -244,9 +241,11 @@ def power_plan(factors, rows, sc, explicit):
     Two-level designs: each effect from all runs, its standard error from the design.
     Planned at Bonferroni's alpha / m, which Holm's correction never needs more power than."""
     sigma, where = planning_noise(sc)
-    if sc.design == "one-at-a-time":
-        m = len(rows) - 1
-        what = f"{m} arm(s) against the baseline, paired by seed"
+    if sc.design == "one-at-a-time":  # with --budgets, each arm at each budget: one family (compare.py)
+        per = len(budgets.parse_budgets(sc.budgets)) if sc.budgets else 1
+        m = (len(rows) - 1) * per
+        what = f"{len(rows) - 1} arm(s) against the baseline, paired by seed" + (
+            f", at {per} budgets each ({m} comparisons)" if per > 1 else "")
     else:
         m = len(design.fit([[2 * level - 1 for level in r] for r in rows], [0.0] * len(rows)).effects)
         what = f"{m} effects of {len(rows)} configurations"
@@ -275,12 +274,15 @@ def power_plan(factors, rows, sc, explicit):
 
 
 def cost_lines(runs, sc):
+    """GPU-hours and price of `runs` runs of the preset's length (with --budgets, a fraction: the
+    runs' tokens over one run's)."""
     if not sc.hours_per_run:
         return []
     gpus = max(sc.torchrun, 1)
     hours = runs * sc.hours_per_run * gpus
     cost = f" = ${hours * sc.usd_per_hour:,.0f} at ${sc.usd_per_hour:g}/GPU-hour" if sc.usd_per_hour else ""
-    return [f"cost: {runs} runs x {sc.hours_per_run:g} h x {gpus} GPU(s) = {hours:,.1f} GPU-hours{cost}"]
+    what = f"{runs} runs" if isinstance(runs, int) else f"{runs:.2f} runs' tokens"
+    return [f"cost: {what} x {sc.hours_per_run:g} h x {gpus} GPU(s) = {hours:,.1f} GPU-hours{cost}"]
 
 
 def alias_report(X, k, gens=()):

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from gpt_interventions.atomic import write_json
+from gpt_interventions.branch import start_branch
 from gpt_interventions.checkpoint import CHECKPOINT_VERSION, save_checkpoint
 from gpt_interventions.device import (
     Dist,
@@ -45,7 +46,7 @@ from gpt_interventions.schedule import get_lr
 from gpt_interventions.shards import find_shards
 from gpt_interventions.step import accumulate_gradients, wrap_model
 from gpt_interventions.trackers import check_trackers
-from gpt_interventions.training import Plan, TrainConfig, make_plan
+from gpt_interventions.training import Plan, TrainConfig, kept_steps, make_plan
 from model import GPT, GPTConfig
 
 USAGE = "[config/PRESET.toml ...] [--key=value ...]"
@@ -159,6 +160,8 @@ class Training:
     clock: tuple = (0.0, 0)         # (time, step) of the last logged row
     peak: float | None = None       # the device's peak FLOP/s at this dtype, for MFU; None: unknown
     routing_x: torch.Tensor = None  # with experts: the fixed validation tokens their routing is logged on
+    kept: frozenset = frozenset()   # --keep_steps: steps checkpointed and kept as ckpt_STEP.pt
+    branch: dict | None = None      # a branched run's parent (gpt_interventions/branch.py)
 
 
 def train(mc, tc, ckpt, d, stop):
@@ -191,11 +194,14 @@ def train(mc, tc, ckpt, d, stop):
         model.load_state_dict(ckpt["model"])
         load_optimizer_state(optimizer, ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
+    if ckpt is not None and ckpt.get("branching") and d.master:
+        start_branch(tc.out_dir, ckpt["branch"])
     run = Run(tc, d.master, start)  # rows logged after the checkpoint (all, without one) are logged again
     t = Training(mc, tc, plan, d, model, optimizer, scaler, shards, loader, run,
                  saved_step=start if ckpt else None, skipped=ckpt.get("skipped_steps", 0) if ckpt else 0,
                  bad_step=torch.full((), -1, dtype=torch.long, device=d.device), peak=peak_flops(d.device, tc.dtype),
-                 routing_x=routing_batch(windows, mc, tc.eval_batch_size or tc.batch_size, d.device))
+                 routing_x=routing_batch(windows, mc, tc.eval_batch_size or tc.batch_size, d.device),
+                 kept=frozenset(kept_steps(tc)), branch=ckpt.get("branch") if ckpt else None)
     record_start(t, start, ckpt)
 
     fwd_model, ddp_model = wrap_model(model, tc, d)
@@ -215,7 +221,7 @@ def train(mc, tc, ckpt, d, stop):
         done = step + 1
         last = done == plan.max_steps
         stopping = agree_to_stop(t, done, last, stop)
-        saving = last or stopping or done % tc.checkpoint_interval == 0
+        saving = last or stopping or done % tc.checkpoint_interval == 0 or done in t.kept
         if done % tc.log_interval == 0 or saving:
             log_step(t, done, lr, loss_sum, norm)
         if (tc.eval_interval and done % tc.eval_interval == 0) or last:
@@ -236,7 +242,7 @@ def train(mc, tc, ckpt, d, stop):
 
 def record_start(t, start, ckpt):
     """config.json (resolved config, derived values, environment) and the run's first log lines."""
-    num_params, resumed = t.model.num_params(), ckpt is not None
+    num_params, resumed = t.model.num_params(), ckpt is not None and not ckpt.get("branching")
     config_path = os.path.join(t.tc.out_dir, "config.json")
     before = None
     if resumed and os.path.isfile(config_path):
@@ -244,18 +250,22 @@ def record_start(t, start, ckpt):
             before = json.load(f).get("env", {}).get("threads")
     if t.d.master:
         config = {"model": asdict(t.mc), "train": asdict(t.tc),
-                  "derived": derived(t.tc, t.plan, t.d.world_size, t.model), "env": environment(t.d.device)}
+                  "derived": derived(t.tc, t.plan, t.d.world_size, t.model), "env": environment(t.d.device),
+                  **({"branch": t.branch} if t.branch else {})}
         write_json(config_path, config)
         t.run.trackers.config(config, start)
     t.run.log(f"{'resuming' if resumed else 'starting'} {t.tc.out_dir} at step {start}: {num_params:,} parameters, "
               f"{t.plan.tokens_per_step:,} tokens/step = {t.d.world_size} ranks x {t.plan.accum} micro-batches x "
               f"{t.tc.batch_size} x {t.mc.block_size}, {t.plan.max_steps} steps")
     t.run.log("config: " + json.dumps({**asdict(t.mc), **asdict(t.tc)}))
+    if t.branch:
+        t.run.log(f"branched from {t.branch['from']} at step {t.branch['step']} ({t.branch['checkpoint']}, "
+                  f"sha256 {t.branch['sha256']})")
     if t.d.device_type == "cpu" and before not in (None, torch.get_num_threads()):
         t.run.log(f"note: the run used {before} CPU threads and goes on with {torch.get_num_threads()}: its numbers "
                   "will differ from an uninterrupted run's in the last bits (set OMP_NUM_THREADS to match)")
-    if resumed and t.mc.dropout > 0 and ckpt.get("rng", {}).get("dropout") != DROPOUT_RULE:
-        t.run.log(f"note: {t.tc.out_dir}'s checkpoint drew dropout masks per (step, rank) in micro-batch order; from step "
+    if ckpt is not None and t.mc.dropout > 0 and ckpt.get("rng", {}).get("dropout") != DROPOUT_RULE:
+        t.run.log(f"note: the checkpoint drew dropout masks per (step, rank) in micro-batch order; from step "
                   f"{start} on they are drawn per sequence (seed, step, index in the step): a change of rule mid-run")
     if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0 and \
             os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
@@ -356,8 +366,8 @@ def checkpoint(t, done):
                       else "no checkpoint was written"))
         else:
             t.saved_step = done
-            if t.tc.keep_checkpoints:
-                keep_snapshots(t.tc.out_dir, path, done, t.tc.keep_checkpoints)
+            if t.tc.keep_checkpoints or done in t.kept:
+                keep_snapshots(t.tc.out_dir, path, done, t.tc.keep_checkpoints, t.kept)
     if t.d.world_size > 1:  # doubles as the barrier: every rank learns whether the write failed
         failed = torch.tensor([error is not None], dtype=torch.int32, device=t.d.device)
         dist.all_reduce(failed)
@@ -379,6 +389,7 @@ def checkpoint_state(t, step):
         "rng": {"scheme": "dropout masks from (seed, step, sequence index in the step)", "dropout": DROPOUT_RULE,
                 "seed": t.tc.seed},
         "skipped_steps": t.skipped,
+        **({"branch": t.branch} if t.branch else {}),
     }
 
 

@@ -6,10 +6,15 @@ or train.py, costs nothing until a chart is drawn.
 
 import json
 import os
+import textwrap
 
 SMOOTHING = 0.9  # EMA weight of the smoothed train loss (TensorBoard's default look)
 CHARTS = ("train_loss", "val_loss", "lr", "grad_norm", "tok_per_s")
 ROUTING = "expert_frac"  # drawn too when a run logged its experts' routing (metrics rows' "expert_frac")
+WIDTH, HEIGHT = 8, 4.5  # inches of a chart without its legend, drawn at 100 dpi
+# The legend lies below the axes, never on the data: each label wrapped to fit the figure's width
+# (LEGEND_CHARS characters of 8-point text), the figure made taller by LEGEND_LINE inches a line.
+LEGEND_CHARS, LEGEND_LINE, LEGEND_FONT = 110, 0.19, 8
 
 
 def read_run(run_dir):
@@ -51,7 +56,7 @@ def draw(runs):
     figs = {}
     routed = any(ROUTING in r for _, rows, *_ in runs for r in rows)
     for chart in CHARTS + ((ROUTING,) if routed else ()):
-        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+        fig, ax = plt.subplots(figsize=(WIDTH, HEIGHT), dpi=100, layout="constrained")
         figs[chart] = (fig, ax)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     groups = {}
@@ -100,14 +105,15 @@ def _draw_group(figs, group, members, c):
             series = [(x, smooth(y)) for x, y in series]
         xs = series[0][0]
         band = bool(xs) and all(x == xs for x, _ in series)  # the same logged steps: a band is meaningful
+        dots = {"marker": "o", "markersize": 3} if key == "val_loss" else {}  # a few points: a line alone may not show
         for i, ((name, _, _), (x, y)) in enumerate(zip(members, series)):
             label = f"_{name}" if band or i else f"{group} ({n} runs)"  # _: not in the legend
-            ax.plot(x, y, color=c, alpha=0.35, linewidth=0.7, label=label)
+            ax.plot(x, y, color=c, alpha=0.35, linewidth=0.7, label=label, **dots)
         if band:
             ys = [y for _, y in series]
             ax.fill_between(xs, [min(v) for v in zip(*ys)], [max(v) for v in zip(*ys)], color=c, alpha=0.15)
             ax.plot(xs, [sum(v) / n for v in zip(*ys)], color=c, linewidth=1.6,
-                    label=f"{group} (mean of {n} runs, band: min-max)")
+                    label=f"{group} (mean of {n} runs, band: min-max)", **dots)
     clip = members[0][2]
     if clip > 0:
         figs["grad_norm"][1].axhline(clip, color=c, linestyle="--", linewidth=1, label=f"{group} clip threshold {clip:g}")
@@ -146,9 +152,11 @@ def _decorate(figs):
         ax.set_xlabel("training tokens")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if ax.get_lines():
-            ax.legend(fontsize=8)
-        fig.tight_layout()
+        handles, names = ax.get_legend_handles_labels()
+        if handles:
+            names = [textwrap.fill(name, LEGEND_CHARS) for name in names]
+            fig.set_figheight(HEIGHT + LEGEND_LINE * (sum(n.count("\n") + 1 for n in names) + 1))
+            fig.legend(handles, names, loc="outside lower center", fontsize=LEGEND_FONT)
 
 
 def save(runs, out_dir):

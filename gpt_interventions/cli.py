@@ -2,7 +2,8 @@
 
 A script declares its config as dataclasses whose fields are made with `field` (default, one line
 of help, optional choices), then calls `parse_config`: defaults < presets (*.toml) < --flags.
-`--help` and README's flag table are generated from the same fields, so they never drift.
+`--help` and docs/flags.md (gpt_interventions/flagdoc.py) are generated from the same fields, so
+they never drift.
 """
 
 import dataclasses
@@ -78,18 +79,6 @@ def format_help(classes, prog, usage):
                 doc += f" ({' | '.join(map(str, choices))})"
             lines.append(f"  --{f.name}={f.default!s}".ljust(36) + f" {doc}")
         lines.append("")
-    return "\n".join(lines)
-
-
-def markdown_table(classes):
-    """The flags as a Markdown table (README.md holds this; a test keeps the two equal)."""
-    lines = ["| flag | default | what it does |", "|---|---|---|"]
-    for cls in classes:
-        for f in fields(cls):
-            doc = f.metadata.get("help", "")
-            if f.metadata.get("choices"):
-                doc += f" ({' / '.join(map(str, f.metadata['choices']))})"
-            lines.append(f"| `--{f.name}` | `{f.default}` | {doc} |")
     return "\n".join(lines)
 
 

@@ -176,7 +176,7 @@ def set_deterministic(enabled, device_type, compiled):
     workspace (CUBLAS_WORKSPACE_CONFIG, set before the first matmul), cuDNN without autotuning, and
     attention on the math backend (the fused backends' backward passes accumulate in a varying
     order). torch.compile's generated kernels carry no such promise, so it is refused. On the CPU
-    PyTorch's kernels are deterministic already (on a machine under varying load, see README).
+    PyTorch's kernels are deterministic already (on a machine under varying load, see docs/training.md).
     Speed costs on a GPU are measured in BENCHMARKS.md where a GPU was available."""
     if not enabled:
         return

@@ -59,6 +59,11 @@ def load_model(spec, device="cpu"):
     return model.to(device).eval(), info
 
 
+def is_download(spec):
+    """Whether load_model would fetch MODEL from the hub rather than read a local path."""
+    return not os.path.exists(spec) and _looks_like_hub_id(spec)
+
+
 def _looks_like_hub_id(spec):
     """owner/name or name, and not a path into a local directory that exists (out/typo)."""
     head = spec.split("/")[0]

@@ -10,6 +10,7 @@ import json
 import os
 from dataclasses import asdict
 
+from gpt_interventions.branch import load_branch
 from gpt_interventions.checkpoint import load_checkpoint, model_config_of
 from gpt_interventions.cli import parse_config
 from gpt_interventions.errors import UsageError
@@ -25,7 +26,8 @@ def resolve_config(argv, usage):
     same command line (torchrun --max-restarts, a requeued job, a spot instance's boot script), so
     that command must go on with the run. Another config there is refused with what differs.
     --resume continues a run from its checkpoint whatever the flags given (the saved config is the
-    base), and refuses a directory without one.
+    base), and refuses a directory without one. --branch_from starts a new run from another's kept
+    checkpoint (gpt_interventions/branch.py).
     """
     classes = [GPTConfig, TrainConfig]
     (mc, tc), _, _ = parse_config(argv, classes, "train.py", usage)
@@ -62,6 +64,10 @@ def resolve_config(argv, usage):
         raise UsageError(f"{out_dir} holds metrics.jsonl but no config.json or checkpoint: not a run train.py "
                          "can continue; choose another --out_dir")
     tc = dataclasses.replace(tc, run_name=run_name, out_dir=out_dir)
+    if tc.branch_step and not tc.branch_from:
+        raise UsageError("--branch_step needs --branch_from=RUN_DIR, the run to branch from")
+    if tc.branch_from and ckpt is None and not tc.dry_run:  # a branch starts; a restart goes on from its own
+        ckpt = load_branch(mc, tc, saved_configs, differences)
     return mc, tc, ckpt
 
 

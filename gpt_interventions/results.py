@@ -20,8 +20,11 @@ from gpt_interventions.tables import fmt
 from gpt_interventions.training import RUNTIME_FIELDS, TrainConfig
 from model import GPTConfig
 
-IGNORED = RUNTIME_FIELDS | {"charts"}  # change how, not what, a run computes
+IGNORED = RUNTIME_FIELDS | {"charts", "branch_from", "branch_step"}  # change how, not what, a run computes
+# (a branched cooldown computes, bit for bit, the straight run of its length: gpt_interventions/branch.py)
 REPLICATE = {"seed", "data_seed"}       # differ between replicates of one configuration
+LENGTH = {"max_iters", "max_tokens"}    # differ between the budgets of one configuration
+DEFAULTS = {**dataclasses.asdict(GPTConfig()), **dataclasses.asdict(TrainConfig())}
 
 
 SPLITS = ("test", "val")
@@ -46,19 +49,28 @@ class FinishedRun:
     accuracy_examples: int | None = None
     missing: str = ""                    # why loss is None
     scored: str = ""                     # which result the loss is (eval.json's key), for --json
+    budget: int | None = None            # training tokens: the run's steps x tokens per step
 
     def last(self, key):
         return next((r[key] for r in reversed(self.rows) if r.get(key) is not None), None)
 
     @property
     def wall_s(self):
-        """Training time: each logged row's dt_ms covers the steps since the row before it."""
-        total, prev = 0.0, 0
+        """Training time: each logged row's dt_ms covers the steps since the row before it. A
+        branched cooldown's own: the parent's rows up to the branch point are its parent's time."""
+        total, prev = 0.0, self.config.get("branch_step") or 0
         for r in self.rows:
-            if "dt_ms" in r:
+            if "dt_ms" in r and r["step"] > prev:
                 total += r["dt_ms"] / 1000 * (r["step"] - prev)
                 prev = r["step"]
         return total
+
+    @property
+    def own_tokens(self):
+        """Tokens the run trained itself (a branched cooldown: those after its branch point)."""
+        at = self.config.get("branch_step") or 0
+        start = next((r["tokens"] for r in self.rows if r.get("step") == at and "tokens" in r), 0) if at else 0
+        return (self.last("tokens") or 0) - start
 
 
 def load_run(run_dir, split="test"):
@@ -72,9 +84,12 @@ def load_run(run_dir, split="test"):
             rows = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError) as e:
         raise UsageError(f"{run_dir} is not a readable run directory ({e})") from None
-    config = {**model_config_of(meta["model"]), **meta["train"]}
+    # a field the run's version did not have yet takes its default: the switch it adds was off
+    # (model_config_of: where the behaviour before the field was not today's default)
+    config = {**DEFAULTS, **model_config_of(meta["model"]), **meta["train"]}
     name = config.get("run_name") or os.path.basename(os.path.normpath(run_dir))
-    run = FinishedRun(name, run_dir, config, rows, None, split, None, meta.get("env", {}).get("world_size", 1))
+    run = FinishedRun(name, run_dir, config, rows, None, split, None, meta.get("env", {}).get("world_size", 1),
+                      budget=budget_of(meta, config, rows))
     final, results, dataset = eval_results.final_step(meta, rows), eval_results.read(run_dir), config["dataset"]
     if split == "test":
         row, why = eval_results.final_result(results, final, f"{dataset}/test")
@@ -96,6 +111,17 @@ def load_run(run_dir, split="test"):
     return run
 
 
+def budget_of(meta, config, rows):
+    """A run's training tokens: from its plan in config.json, else max_tokens (rounded up to whole
+    steps by train.py), else the tokens of its last metrics row."""
+    derived = meta.get("derived") or {}
+    if derived.get("max_steps") and derived.get("tokens_per_step"):
+        return derived["max_steps"] * derived["tokens_per_step"]
+    if not config.get("max_iters"):
+        return config.get("max_tokens")
+    return next((r["tokens"] for r in reversed(rows) if "tokens" in r), None)
+
+
 def judged_lines(runs, split):
     """What the verdicts judged, and one line per run they leave out, with why."""
     return [JUDGED[split]] + [f"left out of the verdicts: {r.name}: {r.missing}" for r in runs if r.loss is None]
@@ -113,14 +139,29 @@ def load_runs(patterns, split="test"):
     return [load_run(d, split) for d in dirs]
 
 
-def diff(config, base):
+def diff(config, base, ignore=frozenset()):
     """`k=v, ...` of the fields that change what a run computes (not seeds), in field order."""
-    keys = [k for k in {**base, **config} if k not in IGNORED | REPLICATE]
+    keys = [k for k in {**base, **config} if k not in IGNORED | REPLICATE | ignore]
     return ", ".join(f"{k}={fmt(config.get(k))}" for k in keys if config.get(k) != base.get(k))
 
 
-def group_key(config):
-    return tuple(sorted((k, v) for k, v in config.items() if k not in IGNORED | REPLICATE))
+def group_key(config, ignore=frozenset()):
+    return tuple(sorted((k, v) for k, v in config.items() if k not in IGNORED | REPLICATE | ignore))
+
+
+def by_budget(runs, baseline):
+    """[(budget, its runs, the run of the baseline's configuration at that budget or None)] in
+    order of budget; runs that all have one budget are one part of budget None, as before budgets."""
+    budgets = sorted({r.budget for r in runs}, key=lambda b: (b is None, b or 0))
+    if len(budgets) == 1:
+        return [(None, runs, baseline)]
+    parts = []
+    for b in budgets:
+        these = [r for r in runs if r.budget == b]
+        base = baseline if baseline in these else next(
+            (r for r in these if group_key(r.config, LENGTH) == group_key(baseline.config, LENGTH)), None)
+        parts.append((b, these, base))
+    return parts
 
 
 def find(runs, spec, flag):
@@ -141,11 +182,14 @@ class Group:
 
 
 def group_runs(runs, baseline):
-    """Replicate groups, the baseline's first, then in the order their runs were given."""
+    """Replicate groups, the baseline's first, then in the order their runs were given. Runs of one
+    known token budget are one configuration however their length was given (max_iters or max_tokens)."""
+    budgets = {r.budget for r in runs}
+    ignore = LENGTH if len(budgets) == 1 and None not in budgets else frozenset()
     groups = {}
-    for r in sorted(runs, key=lambda r: group_key(r.config) != group_key(baseline.config)):
-        label = diff(r.config, baseline.config) or "baseline"
-        groups.setdefault(group_key(r.config), Group(label, [])).runs.append(r)
+    for r in sorted(runs, key=lambda r: group_key(r.config, ignore) != group_key(baseline.config, ignore)):
+        label = diff(r.config, baseline.config, ignore) or "baseline"
+        groups.setdefault(group_key(r.config, ignore), Group(label, [])).runs.append(r)
     return list(groups.values())
 
 
@@ -157,7 +201,7 @@ def import_results(path):
     only `grad_clip=3.5` differs from the baseline by exactly that. A true `reference` column marks
     a model to list beside the runs (original GPT-2, say) rather than a run."""
     rows = _read_rows(path)
-    defaults = {**dataclasses.asdict(GPTConfig()), **dataclasses.asdict(TrainConfig())}
+    defaults = DEFAULTS
     ours = set(defaults)
     runs, refs = [], []
     for i, row in enumerate(rows, start=1):
@@ -189,7 +233,8 @@ def import_results(path):
             raise UsageError(f"{where}: {e}") from None
         config = {**dataclasses.asdict(mc), **dataclasses.asdict(tc), "run_name": str(name)}
         config.update({k: _number(v) for k, v in row.items() if k not in ours and v not in (None, "")})
-        runs.append(FinishedRun(str(name), f"{path}#{name}", config, [], loss, "test", None, 1))
+        runs.append(FinishedRun(str(name), f"{path}#{name}", config, [], loss, "test", None, 1,
+                                budget=budget_of({}, config, [])))
     if not runs:
         raise UsageError(f"{path} holds no runs (rows with a run and a test_loss)")
     return runs, refs

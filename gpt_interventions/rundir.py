@@ -62,14 +62,16 @@ def snapshot_name(step):
     return f"ckpt_{step:07d}.pt"
 
 
-def keep_snapshots(out_dir, path, step, keep):
-    """Hard-link the new checkpoint as ckpt_STEP.pt and delete snapshots beyond the last `keep`."""
+def keep_snapshots(out_dir, path, step, keep, pinned=frozenset()):
+    """Hard-link the new checkpoint as ckpt_STEP.pt and delete snapshots beyond the last `keep`;
+    those of the `pinned` steps (--keep_steps: branch points) are never deleted."""
     snap = os.path.join(out_dir, snapshot_name(step))
     tmp = f"{snap}.tmp.{os.getpid()}"
     os.link(path, tmp)
     os.replace(tmp, snap)  # a snapshot left by an attempt that was restarted is replaced, not kept
     snaps = [m for m in map(re.compile(r"ckpt_(\d+)\.pt").fullmatch, os.listdir(out_dir)) if m]
-    for old in sorted(snaps, key=lambda m: int(m[1]))[:-keep]:  # by step: ckpt_10000000 is newer than ckpt_9999999
+    rotating = sorted((m for m in snaps if int(m[1]) not in pinned), key=lambda m: int(m[1]))  # by step:
+    for old in rotating[:max(0, len(rotating) - keep)]:  # ckpt_10000000 is newer than ckpt_9999999
         os.remove(os.path.join(out_dir, old[0]))
 
 

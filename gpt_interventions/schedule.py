@@ -18,9 +18,29 @@ def get_lr(step, tc, plan, peak=None):
         return peak * (step + 1) / plan.warmup_steps
     if tc.lr_schedule == "constant":
         return peak
+    if tc.lr_schedule == "wsd":
+        return wsd_lr(step, peak, floor, cooldown_start(tc, plan.max_steps), plan.max_steps, tc.cooldown_shape)
     span = plan.max_steps - 1 - plan.warmup_steps
     progress = (step - plan.warmup_steps) / span if span > 0 else 1.0
     return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
+
+
+def cooldown_start(tc, max_steps):
+    """First step of the WSD cooldown: its last round(cooldown_frac x max_steps) steps decay. It
+    depends on the run's own length only, so that a cooldown branched from a longer run's stable
+    phase is the cooldown of a straight run of the branch's length."""
+    return max_steps - round(tc.cooldown_frac * max_steps)
+
+
+def wsd_lr(step, peak, floor, start, steps, shape):
+    """Warmup-stable-decay after the warmup (MiniCPM, arXiv 2404.06395; Hägele et al., arXiv
+    2405.18392): the peak until `start`, then over the steps - start steps of the cooldown down to
+    the floor, reached at the last step. With p the fraction of the cooldown done after `step`
+    ((step - start + 1) / cooldown), linear decays by p and 1-sqrt by sqrt(p) (Hägele et al.'s)."""
+    if step < start:
+        return peak
+    p = (step - start + 1) / (steps - start)
+    return floor + (peak - floor) * (1.0 - (p if shape == "linear" else math.sqrt(p)))
 
 
 def story_lr(step, lr, min_lr, warmup, steps):

@@ -12,6 +12,7 @@ from fractions import Fraction
 
 from gpt_interventions.cli import field
 from gpt_interventions.errors import UsageError
+from gpt_interventions.schedule import cooldown_start
 
 
 @dataclass
@@ -34,11 +35,16 @@ class TrainConfig:
     # optimizer and schedule
     learning_rate: float = field(4e-4, "peak learning rate (AdamW)")
     lr_schedule: str = field("constant", "constant or cosine: warmup from lr/warmup, then constant or cosine "
-                             "to min_lr at the last step; story: the story's torch LinearLR warmup from "
-                             "1e-5 x lr, then CosineAnnealingLR toward min_lr", choices=("constant", "cosine", "story"))
+                             "to min_lr at the last step; wsd: warmup, constant, then a cooldown to min_lr over "
+                             "the last cooldown_frac of the run; story: the story's torch LinearLR warmup from "
+                             "1e-5 x lr, then CosineAnnealingLR toward min_lr",
+                             choices=("constant", "cosine", "wsd", "story"))
     warmup_iters: int = field(0, "linear warmup steps; 0: use warmup_frac")
     warmup_frac: float = field(0.0, "linear warmup as a fraction of the run's steps (rounded; story: floored)")
-    min_lr: float = field(4e-5, "the cosine schedules' floor (eta_min) of learning_rate; muon_lr's is the same "
+    cooldown_frac: float = field(0.2, "wsd: the fraction of the run's steps its cooldown takes (rounded)")
+    cooldown_shape: str = field("linear", "wsd: the cooldown's shape (1-sqrt: Hägele et al., arXiv 2405.18392)",
+                                choices=("linear", "1-sqrt"))
+    min_lr: float = field(4e-5, "the cosine and wsd schedules' floor (eta_min) of learning_rate; muon_lr's is the same "
                           "fraction of muon_lr")
     weight_decay: float = field(0.1, "AdamW decoupled weight decay")
     decay_params: str = field("all", "which parameters decay: all (as the story's code) or matrices",
@@ -81,6 +87,11 @@ class TrainConfig:
     eval_batch_size: int = field(0, "sequences per evaluation batch; 0: batch_size")
     checkpoint_interval: int = field(500, "steps between checkpoints (one is always written at the end)")
     keep_checkpoints: int = field(0, "also keep the last N checkpoints as ckpt_STEP.pt; 0: only ckpt.pt")
+    keep_steps: str = field("", "also checkpoint at these steps (e.g. 1000,2000) and keep them as ckpt_STEP.pt, "
+                            "whatever keep_checkpoints: the points a cooldown can branch from")
+    branch_from: str = field("", "a wsd run directory to branch from: this run starts at its ckpt_STEP.pt of "
+                             "branch_step and goes on with its own length (its cooldown); config.json records it")
+    branch_step: int = field(0, "the step of branch_from's kept checkpoint to branch at (see keep_steps)")
     charts: bool = field(True, "draw the run's curves as PNG files in out_dir/charts/ when it finishes")
     tracker: str = field("none", "also send metrics, config and charts to none, tensorboard (event files in "
                          "out_dir/tensorboard/), wandb, or tensorboard,wandb (rank 0; pip install the package)")
@@ -91,12 +102,13 @@ class TrainConfig:
 POSITIVE = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "log_interval",
             "checkpoint_interval", "learning_rate", "muon_lr", "mup_base_width"}
 FRACTIONS = {"dropout", "beta1", "beta2", "muon_momentum"}  # in [0, 1)
+MAX_KEPT_STEPS = 1000  # snapshots a run may be asked to keep; each one is a full checkpoint on disk
 MAX_EXPERTS = 256  # DeepSeek-V3's routed experts per layer
 
 # Fields that may differ when a run is resumed: they change how, not what, it computes.
 RUNTIME_FIELDS = {"resume", "out_dir", "run_name", "data_dir", "batch_size", "auto_batch_size",
                   "gradient_accumulation_steps", "compile", "device", "log_interval",
-                  "eval_interval", "eval_batch_size", "checkpoint_interval", "keep_checkpoints",
+                  "eval_interval", "eval_batch_size", "checkpoint_interval", "keep_checkpoints", "keep_steps",
                   "nonfinite", "charts", "tracker", "dry_run", "moe_impl"}
 # deterministic is not among them: its algorithms give other numbers (a repeat's spread is only
 # the hardware's among runs that agree on it)
@@ -158,4 +170,22 @@ def make_plan(mc, tc, world_size):
         warmup = tc.warmup_iters or round(tc.warmup_frac * max_steps)
     if not 0 <= tc.warmup_frac <= 1 or warmup < 0 or warmup > max_steps:
         raise UsageError(f"warmup of {warmup} steps does not fit a run of {max_steps} steps")
+    if tc.lr_schedule == "wsd":
+        if not 0 <= tc.cooldown_frac <= 1:
+            raise UsageError(f"--cooldown_frac must be in [0, 1], got {tc.cooldown_frac}")
+        if warmup > cooldown_start(tc, max_steps):
+            raise UsageError(f"the warmup of {warmup} steps overlaps the cooldown, which starts at step "
+                             f"{cooldown_start(tc, max_steps)} of {max_steps}: lower warmup or cooldown_frac")
+    bad = [s for s in kept_steps(tc) if not 0 < s <= max_steps]
+    if bad:
+        raise UsageError(f"--keep_steps: step {bad[0]} is not a step of this run (1 to {max_steps})")
     return Plan(accum, tokens_per_step, max_steps, warmup)
+
+
+def kept_steps(tc):
+    """The steps of --keep_steps as a set of ints; UsageError for anything else."""
+    parts = [p.strip() for p in tc.keep_steps.split(",") if p.strip()]
+    if not all(p.isdecimal() for p in parts) or len(parts) > MAX_KEPT_STEPS:
+        raise UsageError(f"--keep_steps expects up to {MAX_KEPT_STEPS} comma-separated step numbers "
+                         f"(e.g. 1000,2000), got {tc.keep_steps!r}")
+    return {int(p) for p in parts}

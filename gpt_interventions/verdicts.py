@@ -24,6 +24,7 @@ class Verdict:
     n: int
     comparison: object = None  # stats.Comparison; None for the baseline
     detectable: float | None = None  # smallest true difference found with 80% power, as corrected
+    budget: int | None = None  # training tokens of the runs, when the table holds several budgets
 
 
 def seed_keyed(group):
@@ -49,19 +50,26 @@ def judge(groups, noise=None, correction="holm", sensitivity=True, test="auto", 
     smallest detectable difference (a root search; the simulations skip it, it decides nothing).
     The groups' values are test losses, or accuracies with higher_is_better (the deltas and tests
     are the same; only which sign is `better` turns)."""
-    base = groups[0]
-    if not base.losses:  # every other row would read as a baseline: the caller refuses or says so first
-        raise ValueError("judge: the baseline group has no values to judge against")
+    return judge_budgets([(None, groups, noise)], correction, sensitivity, test, higher_is_better)
+
+
+def judge_budgets(parts, correction="holm", sensitivity=True, test="auto", higher_is_better=False):
+    """judge() of each token budget's groups against that budget's baseline group, the verdicts of
+    every budget corrected as one family. parts: [(budget, groups, noise)]; each row keeps its budget."""
     rows = []
-    for g in groups:
-        if not g.losses:
-            continue
-        row = Verdict(g, *summary(g.losses))
-        if g is not base:
-            a, b, pairs = aligned(g, base)
-            row.comparison = compare(a, b, noise, pairs, test)
-            row.comparison.higher_is_better = higher_is_better
-        rows.append(row)
+    for budget, groups, noise in parts:
+        base = groups[0]
+        if not base.losses:  # every other row would read as a baseline: the caller refuses or says so first
+            raise ValueError("judge: the baseline group has no values to judge against")
+        for g in groups:
+            if not g.losses:
+                continue
+            row = Verdict(g, *summary(g.losses), budget=budget)
+            if g is not base:
+                a, b, pairs = aligned(g, base)
+                row.comparison = compare(a, b, noise, pairs, test)
+                row.comparison.higher_is_better = higher_is_better
+            rows.append(row)
     comparisons = [r.comparison for r in rows if r.comparison is not None]
     adjust(comparisons, correction)
     m = sum(c.p is not None for c in comparisons)

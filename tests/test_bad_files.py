@@ -1,6 +1,6 @@
 """Bad files: a damaged checkpoint, a bad shard, token ids outside the vocabulary or a split
 shorter than one block are one line naming the file, exit status 2, and nothing written
-(README, Reliability)."""
+(docs/clusters.md, What a run can count on)."""
 
 import os
 import shutil

@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 
 import compare
@@ -279,6 +280,87 @@ def test_charts_draw_a_group_in_one_colour_with_its_spread(tmp_path, capsys):
     assert val == ["_base-s42", "_base-s43", "baseline (mean of 2 runs, band: min-max)", "gc"]  # a lone run: its name
 
 
+@pytest.mark.parametrize("groups,label", [(2, ", ".join(f"intervention_{i}=value_{i}" for i in range(20))),
+                                          (8, "grad_clip=3.5"), (3, "a_flag_name_without_any_space_" * 12)])
+def test_chart_legends_lie_inside_the_saved_figure_and_off_the_data(groups, label, tmp_path):
+    import struct
+
+    import matplotlib.pyplot as plt
+    rows = lambda shift: [{"step": s, "tokens": 100 * s, "loss": 5.0 - 0.1 * s + shift, "lr": 1e-3, "grad_norm": 1.0,
+                           "tok_per_s": 1e4, "clipped": True} for s in range(1, 6)] + \
+        [{"step": 5, "tokens": 500, "val_loss": 4.6 + shift}]
+    runs = [(f"run-{g}-s{s}", rows(0.1 * g + 0.01 * s), 0.5, f"{label} {g}" if g else "baseline")
+            for g in range(groups) for s in range(2 if g % 2 == 0 else 1)]  # replicate groups and lone runs
+    drawn = charts.save(runs, str(tmp_path))
+    for chart, fig in charts.draw(runs).items():
+        fig.canvas.draw()
+        (ax,) = fig.axes
+        legend = fig.legends[0] if fig.legends else ax.get_legend()
+        box, page, data = legend.get_window_extent(), fig.bbox, ax.get_window_extent()
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, chart
+        assert box.y1 <= ax.xaxis.label.get_window_extent().y0 < data.y0, chart  # below the axes and their label
+        assert data.height > 200, chart  # the plot keeps its height however long the legend
+        with open(tmp_path / f"{chart}.png", "rb") as f:  # and that figure is what was saved
+            assert struct.unpack(">II", f.read(24)[16:24]) == (round(page.width), round(page.height))
+        shown = ["".join(name.split()) for name in drawn[str(tmp_path / f"{chart}.png")] if not name.startswith("_")]
+        assert ["".join(t.get_text().split()) for t in legend.get_texts()] == shown, chart  # wrapped, not cut
+        plt.close(fig)
+
+
+def test_each_token_budget_is_judged_on_its_own_paired_by_seed_with_holm_over_the_table(tmp_path, capsys):
+    from scipy import stats as sp
+    small, large = 1_000_000, 4_000_000
+    noise = {42: 0.02, 43: -0.015, 44: 0.004}
+    want = {"small": {}, "large": {}}  # arm -> losses by seed
+    for s, e in noise.items():  # at the small budget the intervention helps; at the large one it does not
+        want["small"].setdefault("base", []).append(3.90 + e)
+        want["small"].setdefault("gc", []).append(3.85 + e + 0.001 * (s - 43))
+        want["large"].setdefault("base", []).append(3.70 + e)
+        want["large"].setdefault("gc", []).append(3.70 + e + 0.004 * (s - 43))
+        fake_run(tmp_path, f"base-small-s{s}", want["small"]["base"][-1], seed=s, max_tokens=small)
+        fake_run(tmp_path, f"gc-small-s{s}", want["small"]["gc"][-1], seed=s, max_tokens=small, grad_clip=3.5)
+        fake_run(tmp_path, f"base-large-s{s}", want["large"]["base"][-1], seed=s, max_tokens=large)
+        # the large budget's intervention runs given by steps, as branched cooldowns: 40 steps of 100,000
+        out = fake_run(tmp_path, f"gc-large-s{s}", want["large"]["gc"][-1], seed=s, grad_clip=3.5, max_iters=40,
+                       branch_from="out/x", branch_step=10, steps=40)
+        meta = json.loads(open(os.path.join(out, "config.json")).read())
+        meta["derived"]["tokens_per_step"] = large // 40
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(meta, f)
+    fake_run(tmp_path, "gc-tiny", 4.2, grad_clip=3.5, max_tokens=250_000)  # no baseline at this budget
+    runs = [str(tmp_path / "base-*"), str(tmp_path / "gc-*"), "--baseline=base-large-s42"]
+    compare.main(runs + ["--json"])
+    out = json.loads(capsys.readouterr().out)
+    rows = {(r["budget"], r["group"]): r for r in out["rows"]}
+    assert set(rows) == {(small, "baseline"), (small, "grad_clip=3.5"), (large, "baseline"), (large, "grad_clip=3.5")}
+    p = {}
+    for name, budget in (("small", small), ("large", large)):
+        gc = rows[budget, "grad_clip=3.5"]
+        p[name] = sp.ttest_rel(want[name]["gc"], want[name]["base"]).pvalue
+        assert gc["paired"] and gc["p"] == pytest.approx(p[name], rel=1e-9) and gc["correction"] == "holm over 2"
+        assert gc["delta"] == pytest.approx(np.mean(want[name]["gc"]) - np.mean(want[name]["base"]), rel=1e-9)
+    first = min(p.values())  # Holm over the whole table: the smaller p times 2, the larger at least that
+    assert rows[small, "grad_clip=3.5"]["p_adjusted"] == pytest.approx(min(1, 2 * p["small"]) if p["small"] == first
+                                                                       else max(2 * first, p["small"]), rel=1e-9)
+    assert rows[large, "grad_clip=3.5"]["p_adjusted"] == pytest.approx(min(1, 2 * p["large"]) if p["large"] == first
+                                                                       else max(2 * first, p["large"]), rel=1e-9)
+    assert rows[small, "grad_clip=3.5"]["verdict"] == "better" != rows[large, "grad_clip=3.5"]["verdict"]
+    compare.main(runs)
+    text = capsys.readouterr().out
+    assert "budget (train tokens)" in text and "1,000,000" in text and "4,000,000" in text
+    assert "not judged at 250,000 tokens: no run there in the baseline's configuration (base-large-s42's) has a loss" in text
+
+
+def test_a_single_budget_has_no_budget_column(tmp_path, capsys):
+    for s in (1, 2):
+        fake_run(tmp_path, f"base-s{s}", 3.7 + s / 100, seed=s, max_tokens=1000)
+        fake_run(tmp_path, f"gc-s{s}", 3.6 + s / 100, seed=s, max_tokens=1000, grad_clip=1.0)
+    compare.main([str(tmp_path / "base-*"), str(tmp_path / "gc-*"), "--json"])
+    assert all("budget" not in r for r in json.loads(capsys.readouterr().out)["rows"])
+    compare.main([str(tmp_path / "base-*"), str(tmp_path / "gc-*")])
+    assert "budget" not in capsys.readouterr().out
+
+
 def scores(capsys, data, *models_and_flags):
     """eval.py's --json rows of MODEL [FLAGS...] calls, scored on syn/test."""
     rows = []
@@ -375,3 +457,32 @@ def test_a_diverged_baseline_is_refused_and_no_other_row_is_the_baseline(tmp_pat
     runs = load_runs([str(tmp_path / "base"), str(tmp_path / "gc-*")])
     with pytest.raises(ValueError, match="baseline group has no values"):  # judge itself never labels another
         judge(group_runs(runs, runs[0]))
+
+
+def test_a_branched_cooldowns_wall_time_and_speed_are_its_own():
+    from gpt_interventions.results import FinishedRun
+    rows = [{"step": 10, "tokens": 100, "dt_ms": 1000.0}, {"step": 20, "tokens": 200, "dt_ms": 2000.0}]
+    branch = FinishedRun("b", "", {"branch_step": 10}, rows, 3.0, "test", None, 1)
+    straight = FinishedRun("s", "", {"branch_step": 0}, rows, 3.0, "test", None, 1)
+    assert (branch.wall_s, branch.own_tokens) == (20.0, 100)  # the parent's first 10 steps are not its own
+    assert (straight.wall_s, straight.own_tokens) == (30.0, 200)
+
+
+def test_a_run_saved_before_a_field_existed_groups_with_runs_that_leave_it_at_its_default(tmp_path, capsys):
+    # config.json of a run made before moe_draws, parametrization and lr_schedule's cooldown existed
+    # lacks those fields: they were off, so the run is a replicate of today's baseline, not a group
+    for s, e in ((42, 0.0), (43, 0.004)):
+        fake_run(tmp_path, f"new-s{s}", 3.70 + e, seed=s)
+        fake_run(tmp_path, f"gc-s{s}", 3.69 + e, seed=s, grad_clip=3.5)
+    old = fake_run(tmp_path, "old-s44", 3.702, seed=44)
+    with open(os.path.join(old, "config.json")) as f:
+        meta = json.load(f)
+    for key in ("moe_draws", "parametrization", "mup_base_width"):
+        del meta["model"][key]
+    for key in ("cooldown_frac", "cooldown_shape", "keep_steps"):
+        del meta["train"][key]
+    with open(os.path.join(old, "config.json"), "w") as f:
+        json.dump(meta, f)
+    compare.main([str(tmp_path / "*"), "--json", "--baseline=new-s42"])
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["group"], r["n"]) for r in rows] == [("baseline", 3), ("grad_clip=3.5", 2)]

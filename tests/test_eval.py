@@ -117,6 +117,8 @@ def foreign(data_dir, tmp_path_factory):
 
 BAD = [
     (["{tmp}/missing.pt"], "{tmp}/missing.pt not found"),
+    (["{tmp}/missing.pt", "--dataset=nothere"], "{tmp}/missing.pt not found"),  # the model is named first
+    (["{tmp}/run", "--data_dir={tmp}/nodata", "--dataset="], "{tmp}/run not found"),
     (["{foreign}/other.pt"], "is not a checkpoint written by train.py"),
     (["{foreign}/empty"], "holds neither ckpt.pt (a run), config.json (a Hugging Face model) nor model.json"),
     (["{run}", "--dataset=nothere"], "no test shards in"),
@@ -140,6 +142,34 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, data_dir
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and message.format(**fill) in err, err
     assert not (tmp_path / "results.jsonl").exists() and sorted(os.listdir(run_dir)) == before
+
+
+def test_a_checkpoint_of_ours_is_scored_on_the_dataset_it_was_trained_on(data_dir, run_dir, tmp_path, capsys):
+    make_shards(tmp_path, dataset="story", train=(100,), test=3_000)  # the default would score these
+    implicit = evaluate_cli(capsys, run_dir, data_dir, tmp_path / "a.jsonl", "--dataset=")  # train.py's syn
+    explicit = evaluate_cli(capsys, run_dir, data_dir, tmp_path / "b.jsonl")
+    assert implicit["dataset"] == explicit["dataset"] == "syn"
+    assert implicit["loss"] == explicit["loss"] and implicit["tokens"] == WHOLE_TEST_SPLIT
+    other = evaluate_cli(capsys, run_dir, tmp_path, tmp_path / "c.jsonl", "--dataset=story")  # --dataset wins
+    assert other["dataset"] == "story" and other["tokens"] == (3_000 - 1) // 32 * 32
+
+
+def test_other_models_are_scored_on_the_story_dataset_by_default(data_dir, tmp_path, capsys):
+    tiny_hf(tmp_path / "hf")
+    with pytest.raises(SystemExit) as e:  # a GPT-2 directory: the story's test set, which data_dir lacks
+        run_main(eval_script.main, [str(tmp_path / "hf"), f"--data_dir={data_dir}", "--ledger="])
+    assert e.value.code == 2 and f"no test shards in {os.path.join(data_dir, 'story')}" in capsys.readouterr().err
+    make_shards(tmp_path / "data", dataset="story", train=(100,))
+    row = evaluate_cli(capsys, str(tmp_path / "hf"), tmp_path / "data", tmp_path / "r.jsonl", "--dataset=")
+    assert row["dataset"] == "story" and row["tokens"] == WHOLE_TEST_SPLIT
+
+
+def test_help_says_which_dataset_and_that_the_model_comes_first(capsys):
+    with pytest.raises(SystemExit):
+        eval_script.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the one a checkpoint of ours was trained on, else story" in text
+    assert "A local MODEL is read first, so a wrong path is named as such" in text
 
 
 def test_script_prints_no_traceback(data_dir, tmp_path):

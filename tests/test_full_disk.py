@@ -1,5 +1,5 @@
 """A full disk: a failed checkpoint write or log append stops the run with one line, the
-previous checkpoint intact, and a resume after freeing space loses nothing (README, Reliability)."""
+previous checkpoint intact, and a resume after freeing space loses nothing (docs/clusters.md, What a run can count on)."""
 
 import errno
 import glob

@@ -1,5 +1,5 @@
 """Bad flags: random flag names and values for train.py, eval.py, sample.py and prepare_data.py
-either run or exit 2 with a one-line message, never a traceback (README, Reliability).
+either run or exit 2 with a one-line message, never a traceback (docs/clusters.md, What a run can count on).
 
 FUZZ_EXAMPLES=N runs more examples of each.
 """

@@ -1,5 +1,5 @@
 """Fault injection: a run survives crashes, preemption, a changed world, bad files and flags,
-non-finite numbers, long runs and a full disk, with nothing lost (README, Reliability).
+non-finite numbers, long runs and a full disk, with nothing lost (docs/clusters.md, What a run can count on).
 
 Faults in a real process come from tests/fault_train.py (train.py plus one injected fault).
 """

@@ -1,5 +1,6 @@
 """sweep.py and design.py: designs, their alias structure, and effects recovered from known answers."""
 
+import json
 import math
 import os
 import subprocess
@@ -232,16 +233,22 @@ def test_power_plan_measures_the_noise_from_finished_runs(tmp_path, capsys):
             run_plan(tmp_path / "y", "--effect=0.01", "--noise_std=0.002", flag)
 
 
+def tiny_preset(tmp_path, **extra):
+    """A preset of a tiny CPU run on shards from make_shards, with `extra` keys."""
+    data = make_shards(tmp_path / "data")
+    preset = tmp_path / "tiny.toml"
+    preset.write_text(f"""n_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 32\nvocab_size = 256\ndropout = 0.0
+dataset = "syn"\ndata_dir = "{data}"\nbatch_size = 4\ntotal_batch_size = 128\nmax_tokens = 0
+dtype = "float32"\ncompile = false\ndevice = "cpu"\nlog_interval = 1\neval_tokens = 256\ncharts = false\n"""
+                      + "".join(f"{k} = {v}\n" for k, v in extra.items()))
+    return preset
+
+
 @pytest.mark.slow
 def test_a_planned_sweep_runs_end_to_end_under_sh(tmp_path, monkeypatch):
     # as a new user would: sh (dash on Debian and Ubuntu), from another directory, with a PATH
     # whose python is not the project's; the script uses the interpreter that planned it
-    data = make_shards(tmp_path / "data")
-    preset = tmp_path / "tiny.toml"
-    preset.write_text(f"""n_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 32\nvocab_size = 256\ndropout = 0.0
-dataset = "syn"\ndata_dir = "{data}"\nbatch_size = 4\ntotal_batch_size = 128\nmax_iters = 3\nmax_tokens = 0
-dtype = "float32"\ncompile = false\ndevice = "cpu"\nlog_interval = 1\neval_interval = 3\neval_tokens = 256
-charts = false\n""")
+    preset = tiny_preset(tmp_path, max_iters=3, eval_interval=3)
     monkeypatch.chdir(tmp_path)
     sweep.main(["plan", "--factor", "grad_clip=0,0.5", "--seeds=2", f"--preset={preset}", "--out=sw"])
     env = {**os.environ, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
@@ -259,3 +266,67 @@ charts = false\n""")
     os.rename(tmp_path / "data", tmp_path / "moved")
     failed = subprocess.run(["sh", "sw/run.sh"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert failed.returncode != 0 and "shards in" in failed.stderr and "group" not in failed.stdout
+
+
+# --- several budgets from one WSD run per configuration and seed, and Slurm arrays ---------------
+
+
+def test_a_budget_plan_branches_each_shorter_budget_and_prices_it_against_separate_runs(tmp_path, capsys):
+    preset = tmp_path / "p.toml"
+    preset.write_text(open(os.path.join(ROOT, "config/tiny.toml")).read() + "cooldown_frac = 0.1\nwarmup_frac = 0.05\n")
+    for cooldown, frac in ((None, 0.2), (str(preset), 0.1)):
+        out = tmp_path / f"sw{frac}"
+        names = sweep.main(["plan", "--factor", "grad_clip=0,1", "--budgets=1,0.25,0.5", f"--out={out}",
+                            f"--preset={cooldown or os.path.join(ROOT, 'config/tiny.toml')}", "--hours_per_run=2"])
+        printed = capsys.readouterr().out
+        # per configuration and seed: the 100-step run, then the cooldowns of 25 and 50 steps only
+        steps = [100, 25, 50]
+        branched = (100 + sum(s - (s - round(frac * s)) for s in steps[1:])) / 100
+        assert f"train {branched:.3f} runs' tokens instead of {sum(steps) / 100:.3f} for separate runs" in printed
+        assert f"cost: {2 * branched:.2f} runs' tokens x 2 h x 1 GPU(s) = {4 * branched:,.1f} GPU-hours" in printed
+        assert names == [f"sw{frac}-00-baseline", f"sw{frac}-00-baseline-b0.25", f"sw{frac}-00-baseline-b0.5",
+                         f"sw{frac}-01-grad_clip1", f"sw{frac}-01-grad_clip1-b0.25", f"sw{frac}-01-grad_clip1-b0.5"]
+        configs = [parse_config([str(out / f"{n}.toml")], [GPTConfig, TrainConfig], "train.py", "")[0][1]
+                   for n in names]
+        long, quarter, half = configs[:3]
+        assert {c.lr_schedule for c in configs} == {"wsd"} and {c.warmup_iters for c in configs} == {
+            5 if cooldown else 0}  # warmup_frac's 5 steps of 100, in steps: every branch shares them
+        assert long.keep_steps == f"{25 - round(frac * 25)},{50 - round(frac * 50)}" and not long.branch_from
+        assert (quarter.max_iters, quarter.branch_from, quarter.branch_step) == (25, f"out/{names[0]}",
+                                                                                 25 - round(frac * 25))
+        assert (half.max_iters, half.branch_step) == (50, 50 - round(frac * 50))
+        script = (out / "run.sh").read_text()
+        assert script.index(f"train.py {out}/{names[0]}.toml") < script.index(f"train.py {out}/{names[1]}.toml")
+    with pytest.raises(UsageError, match="the largest 1"):
+        sweep.main(["plan", "--factor", "grad_clip=0,1", "--budgets=0.25,0.5", f"--out={tmp_path / 'x'}"])
+    with pytest.raises(UsageError, match="--budgets plans one-at-a-time designs"):
+        sweep.main(["plan", "--factor", "grad_clip=0,1", "--budgets=0.5,1", "--design=full", f"--out={tmp_path / 'y'}"])
+
+
+@pytest.mark.slow
+def test_a_slurm_array_runs_its_tasks_and_a_branch_waits_for_its_parent(tmp_path, monkeypatch):
+    preset = tiny_preset(tmp_path, max_iters=8, eval_interval=4, cooldown_frac=0.25)
+    monkeypatch.chdir(tmp_path)
+    names = sweep.main(["plan", "--factor", "grad_clip=0,0.5", "--budgets=0.5,1", f"--preset={preset}", "--out=sw",
+                        "--launcher=slurm", "--torchrun=1"])
+    assert names == ["sw-00-baseline", "sw-00-baseline-b0.5", "sw-01-grad_clip0.5", "sw-01-grad_clip0.5-b0.5"]
+    script = (tmp_path / "sw" / "sweep.sbatch").read_text()
+    assert "#SBATCH --array=0-3" in script and "-m torch.distributed.run --standalone --nproc_per_node=1" in script
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SWEEP_LAUNCH": sys.executable, "SWEEP_POLL": "0.2"}
+
+    def task(i, **kw):
+        return subprocess.Popen(["sh", "sw/sweep.sbatch"], cwd=tmp_path, env={**env, "SLURM_ARRAY_TASK_ID": str(i)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    branch = task(1)  # the cooldown's task starts first and waits for its parent's kept checkpoint
+    parent = task(0)
+    for p in (parent, branch):
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    assert "waiting for out/sw-00-baseline/ckpt_0000003.pt" in out  # 4 steps, branched at their cooldown's start
+    assert all(os.path.isfile(tmp_path / "out" / n / "eval.json") for n in names[:2])  # tasks 2 and 3: the same
+    with open(tmp_path / "out" / names[1] / "config.json") as f:
+        assert json.load(f)["branch"]["from"] == "out/sw-00-baseline"
+    again = task(0)
+    assert again.communicate(timeout=600)[0].strip() == "out/sw-00-baseline has a test result: skipped"
+    missing = task(4)
+    assert missing.wait(timeout=60) == 2 and "no task 4 in this array (0-3)" in missing.stderr.read()

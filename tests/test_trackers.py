@@ -1,4 +1,4 @@
-"""--tracker: what TensorBoard and wandb receive equals the run directory's record (README, Trackers).
+"""--tracker: what TensorBoard and wandb receive equals the run directory's record (docs/ecosystem.md, Trackers).
 
 TensorBoard is read back from its event files with TensorBoard's own readers; wandb runs for real
 in offline mode and is read back from its offline run file (read_wandb below). A wandb that fails

