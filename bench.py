@@ -4,8 +4,9 @@
     python bench.py --dtype=bfloat16 --compile=True --batch_size=16    # GPT-2 small, 163M, on a GPU
     python bench.py --qkv_bias=True --tie_weights=True ...             # the original 124M shape
     python bench.py config/tiny.toml --profile=out/profile             # plus a torch profiler trace
+    python bench.py ../shared/story/runs/1xrtx3090-moe-no-balancing    # one of the story's runs
 
-Takes every train.py flag and preset. A step is what train.py runs: step.accumulate_gradients
+Takes every train.py flag and preset (a TOML file or one of the story's run directories). A step is what train.py runs: step.accumulate_gradients
 over the step's micro-batches from a TrainLoader (on a temporary shard of random tokens), then
 the AdamW step. After `warmup` untimed steps (compilation, allocator), `steps` steps are timed.
 MFU uses model.flops_per_token (6 per matmul weight + 12·L·H·Q·T) against the device's peak
@@ -29,12 +30,13 @@ from gpt_interventions.errors import UsageError, run_main
 from gpt_interventions.evaluation import evaluate
 from gpt_interventions.loader import TrainLoader, eval_windows
 from gpt_interventions.optimizer import configure_optimizer
+from gpt_interventions.resolve import story_run_loader
 from gpt_interventions.shards import write_shard
 from gpt_interventions.step import accumulate_gradients, to_device, wrap_model
 from gpt_interventions.training import TrainConfig, make_plan
 from model import GPT, GPTConfig
 
-USAGE = "[config/PRESET.toml ...] [--key=value ...]"
+USAGE = "[config/PRESET.toml | STORY_RUN_DIR ...] [--key=value ...]"
 
 
 @dataclass
@@ -66,7 +68,8 @@ def peak_memory(device):
 
 
 def main(argv):
-    (mc, tc, bc), _, _ = parse_config(argv, [GPTConfig, TrainConfig, BenchConfig], "bench.py", USAGE)
+    (mc, tc, bc), _, _ = parse_config(argv, [GPTConfig, TrainConfig, BenchConfig], "bench.py", USAGE,
+                                      load_dir=story_run_loader(argv))
     if bc.steps <= 0 or bc.warmup < 0 or bc.eval_windows < 0:
         raise UsageError("--steps must be positive; --warmup and --eval_windows 0 or more")
     if bc.profile and os.path.exists(bc.profile) and not os.path.isdir(bc.profile):

@@ -94,8 +94,8 @@ def load_references(specs, ledger, runs):
     except (OSError, ValueError) as e:
         raise UsageError(f"--ledger={ledger} is not a readable results ledger ({e})") from None
 
-    def scored(r):  # (tokens, block_size) of a ledger row
-        return r.get("tokens"), ((r.get("config") or {}).get("model") or {}).get("block_size")
+    def scored(r):  # (tokens, window length) of a ledger row: eval.py --block_size, else the model's
+        return r.get("tokens"), r.get("window") or ((r.get("config") or {}).get("model") or {}).get("block_size")
 
     refs = []
     for spec in specs:

@@ -47,6 +47,9 @@ class EvalConfig:
     data_dir: str = field("data", "root of the prepared datasets")
     split: str = field("test", "which split to score", choices=("train", "val", "test"))
     eval_tokens: int = field(0, "token budget: the first eval_tokens // block_size windows; 0: the whole split")
+    block_size: int = field(0, "tokens per window; 0: the model's own block_size. A long-context model scored "
+                            "with --block_size=1024 is comparable with the 1,024-token runs (each token sees the "
+                            "same context); at its own length its tokens see more context and score lower")
     batch_size: int = field(8, "sequences per forward pass (speed only: the windows are fixed)")
     dtype: str = field("float32", "autocast dtype; float32 (no TF32) gives the reference numbers",
                        choices=("float32", "bfloat16", "float16"))
@@ -72,6 +75,8 @@ def main(argv):
         raise UsageError(f"which model? usage: eval.py {USAGE}")
     if ec.eval_tokens < 0 or ec.batch_size <= 0:
         raise UsageError("--eval_tokens must be >= 0 and --batch_size positive")
+    if ec.block_size < 0:
+        raise UsageError(f"--block_size must be >= 0 (0: the model's own), got {ec.block_size}")
     spec = positionals[0]
     if ec.export_hf or ec.export_book or ec.push_to_hub or ec.public:
         return export(spec, ec)
@@ -89,20 +94,25 @@ def main(argv):
     shards = find_shards(ec.data_dir, ec.dataset, ec.split)  # before a model download: fail fast
     if download:
         model, info = load_model(spec, d.device)
-    windows = eval_windows(shards, model.config.block_size, ec.eval_tokens)
+    window = ec.block_size or model.config.block_size
+    if window > model.config.block_size:
+        raise UsageError(f"--block_size={window} is longer than the model's block_size {model.config.block_size}: "
+                         "it has no positions past that; give --block_size up to it, or 0 for its own")
+    windows = eval_windows(shards, window, ec.eval_tokens)
     set_tf32(False)  # float32 means float32: TF32 matmuls would move the sixth decimal
     t0 = time.time()
-    loss, tokens = evaluate(model, windows, ec.batch_size, d.device, ec.dtype, d.rank, d.world_size)
+    loss, tokens = evaluate(model, windows, ec.batch_size, d.device, ec.dtype, d.rank, d.world_size, window)
     seconds = time.time() - t0
+    shorter = window != model.config.block_size  # --block_size: not the model's own windows
     row = {**info, "dataset": ec.dataset, "split": ec.split, "eval_tokens": ec.eval_tokens,
-           "dtype": ec.dtype, "loss": loss, "ppl": math.exp(loss), "tokens": tokens,
-           "seconds": round(seconds, 3), "batch_size": ec.batch_size, "device": d.device,
+           **({"window": window} if shorter else {}), "dtype": ec.dtype, "loss": loss, "ppl": math.exp(loss),
+           "tokens": tokens, "seconds": round(seconds, 3), "batch_size": ec.batch_size, "device": d.device,
            "world_size": d.world_size, **stamp()}
     if d.master:
         record(row, ec.ledger)
     print0(json.dumps(row) if ec.json else
-           f"{ec.dataset}/{ec.split} loss {loss:.6f} ppl {row['ppl']:.2f} tokens {tokens:,} "
-           f"model {info['model']} ({duration(seconds)})")
+           f"{ec.dataset}/{ec.split} loss {loss:.6f} ppl {row['ppl']:.2f} tokens {tokens:,}"
+           f"{f' in {window}-token windows' if shorter else ''} model {info['model']} ({duration(seconds)})")
     teardown_dist()
 
 

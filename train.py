@@ -1,9 +1,11 @@
 """Train a GPT-2-shaped model with interventions switched by flags.
 
-    python train.py [config/PRESET.toml ...] [--key=value ...]
+    python train.py [config/PRESET.toml | STORY_RUN_DIR ...] [--key=value ...]
     torchrun --standalone --nproc_per_node=8 train.py config/best.toml
 
 Precedence: dataclass defaults (the story's baseline) < presets < flags. `--help` lists them all.
+A preset is a TOML file, or one of the story's run directories (model.json and train.json, read
+by gpt_interventions/story_runs.py).
 The loop in `train` reads as the story of a step (lr, batches, forward and backward, update);
 its bookkeeping (log, evaluate, checkpoint, stop) is in named functions below it that get their
 state in one `Training` object.
@@ -22,6 +24,7 @@ import torch.distributed as dist
 from gpt_interventions.atomic import write_json
 from gpt_interventions.branch import start_branch
 from gpt_interventions.checkpoint import CHECKPOINT_VERSION, save_checkpoint
+from gpt_interventions.cli import split_flags
 from gpt_interventions.device import (
     Dist,
     autocast,
@@ -45,27 +48,30 @@ from gpt_interventions.rundir import Run, keep_snapshots
 from gpt_interventions.schedule import get_lr
 from gpt_interventions.shards import find_shards
 from gpt_interventions.step import accumulate_gradients, wrap_model
+from gpt_interventions.story_runs import describe
 from gpt_interventions.trackers import check_trackers
 from gpt_interventions.training import Plan, TrainConfig, kept_steps, make_plan
 from model import GPT, GPTConfig
 
-USAGE = "[config/PRESET.toml ...] [--key=value ...]"
+USAGE = "[config/PRESET.toml | STORY_RUN_DIR ...] [--key=value ...]"
 
 
 def main(argv):
     mc, tc, ckpt = resolve_config(argv, USAGE)
     check_trackers(tc.tracker)
+    story_runs = [describe(p) for p in split_flags(argv)[0] if os.path.isdir(p)]  # run directories given
     if tc.dry_run:
-        return dry_run(mc, tc)
+        return dry_run(mc, tc, story_runs)
     d = setup_dist(tc.device)
     with StopSignals() as stop:
-        train(mc, tc, ckpt, d, stop)
+        train(mc, tc, ckpt, d, stop, story_runs)
     teardown_dist()
 
 
-def dry_run(mc, tc):
+def dry_run(mc, tc, story_runs=()):
     """What a run will do and cost, before paying for it: the resolved config and the derived plan
-    as one JSON object (config.json's model, train and derived). Reads no data, writes nothing."""
+    as one JSON object (config.json's model, train and derived; and the story's run directories
+    given, with the keys of theirs that change nothing here). Reads no data, writes nothing."""
     world_size = os.environ.get("WORLD_SIZE", "1")  # WORLD_SIZE=8 python train.py ... --dry_run
     if not world_size.isdigit() or int(world_size) < 1:
         raise UsageError(f"WORLD_SIZE={world_size!r}: give the number of ranks the run will have, e.g. WORLD_SIZE=8")
@@ -81,7 +87,10 @@ def dry_run(mc, tc):
     plan_of = derived(tc, plan, world_size, model)
     if tc.auto_batch_size:
         plan_of.update(micro_batch="auto", accum="auto")
-    print(json.dumps({"model": asdict(mc), "train": asdict(tc), "derived": plan_of}, indent=2))
+    shown = {"model": asdict(mc), "train": asdict(tc), "derived": plan_of}
+    if story_runs:
+        shown["story_runs"] = list(story_runs)
+    print(json.dumps(shown, indent=2))
 
 
 def derived(tc, plan, world_size, model):
@@ -164,7 +173,7 @@ class Training:
     branch: dict | None = None      # a branched run's parent (gpt_interventions/branch.py)
 
 
-def train(mc, tc, ckpt, d, stop):
+def train(mc, tc, ckpt, d, stop, story_runs=()):
     start = agree_on_start(ckpt, d, tc)
     set_tf32(tc.tf32)
     set_deterministic(tc.deterministic, d.device_type, tc.compile)  # before any matmul, trials included
@@ -202,7 +211,7 @@ def train(mc, tc, ckpt, d, stop):
                  bad_step=torch.full((), -1, dtype=torch.long, device=d.device), peak=peak_flops(d.device, tc.dtype),
                  routing_x=routing_batch(windows, mc, tc.eval_batch_size or tc.batch_size, d.device),
                  kept=frozenset(kept_steps(tc)), branch=ckpt.get("branch") if ckpt else None)
-    record_start(t, start, ckpt)
+    record_start(t, start, ckpt, story_runs=story_runs)
 
     fwd_model, ddp_model = wrap_model(model, tc, d)
     ctx = autocast(d.device_type, tc.dtype)
@@ -240,8 +249,9 @@ def train(mc, tc, ckpt, d, stop):
 # the loop's bookkeeping
 
 
-def record_start(t, start, ckpt):
-    """config.json (resolved config, derived values, environment) and the run's first log lines."""
+def record_start(t, start, ckpt, story_runs=()):
+    """config.json (resolved config, derived values, environment; the story's run directories given
+    as presets) and the run's first log lines."""
     num_params, resumed = t.model.num_params(), ckpt is not None and not ckpt.get("branching")
     config_path = os.path.join(t.tc.out_dir, "config.json")
     before = None
@@ -251,7 +261,8 @@ def record_start(t, start, ckpt):
     if t.d.master:
         config = {"model": asdict(t.mc), "train": asdict(t.tc),
                   "derived": derived(t.tc, t.plan, t.d.world_size, t.model), "env": environment(t.d.device),
-                  **({"branch": t.branch} if t.branch else {})}
+                  **({"branch": t.branch} if t.branch else {}),
+                  **({"story_runs": list(story_runs)} if story_runs else {})}
         write_json(config_path, config)
         t.run.trackers.config(config, start)
     t.run.log(f"{'resuming' if resumed else 'starting'} {t.tc.out_dir} at step {start}: {num_params:,} parameters, "
@@ -261,6 +272,10 @@ def record_start(t, start, ckpt):
     if t.branch:
         t.run.log(f"branched from {t.branch['from']} at step {t.branch['step']} ({t.branch['checkpoint']}, "
                   f"sha256 {t.branch['sha256']})")
+    for story in story_runs:
+        ignored = ", ".join(f"{k}={v}" for k, v in story["ignored"].items()) or "none"
+        t.run.log(f"preset {story['dir']}: the story's run on {story['gpus'] or 'an unnamed number of'} GPU(s); "
+                  f"ignored, as they change nothing here: {ignored}")
     if t.d.device_type == "cpu" and before not in (None, torch.get_num_threads()):
         t.run.log(f"note: the run used {before} CPU threads and goes on with {torch.get_num_threads()}: its numbers "
                   "will differ from an uninterrupted run's in the last bits (set OMP_NUM_THREADS to match)")

@@ -104,11 +104,18 @@ def load_preset(path):
         raise UsageError(f"preset {path} is not valid TOML: {e}") from None
 
 
-def parse_config(argv, classes, prog, usage, bases=None, max_positionals=0):
+def is_preset(positional, load_dir=None):
+    """A *.toml preset, or a directory where a script reads directories as presets (load_dir)."""
+    return positional.endswith(".toml") or (load_dir is not None and os.path.isdir(positional))
+
+
+def parse_config(argv, classes, prog, usage, bases=None, max_positionals=0, load_dir=None):
     """Resolve config: defaults (or `bases`) < TOML presets (*.toml positionals) < --flags.
 
     Returns (list of config instances, other positionals, set of names set explicitly).
     Every dataclass field is a flag; flags are typed from the dataclass annotations.
+    `load_dir`, if given, reads a positional that is a directory into a preset's dict (train.py: a
+    run directory of the story, gpt_interventions/story_runs.py); it stacks in order with the TOMLs.
     """
     table = config_fields(classes)
     positionals, flags = split_flags(argv)
@@ -118,13 +125,13 @@ def parse_config(argv, classes, prog, usage, bases=None, max_positionals=0):
     values = {}
     for base in bases or []:
         values.update(dataclasses.asdict(base))
-    presets = [p for p in positionals if p.endswith(".toml")]
-    others = [p for p in positionals if not p.endswith(".toml")]
+    presets = [p for p in positionals if is_preset(p, load_dir)]
+    others = [p for p in positionals if not is_preset(p, load_dir)]
     if len(others) > max_positionals:
         raise UsageError(f"unexpected argument {others[max_positionals]!r}; usage: {prog} {usage}")
     explicit = set()
     for path in presets:
-        for name, value in load_preset(path).items():
+        for name, value in (load_preset(path) if path.endswith(".toml") else load_dir(path)).items():
             if name not in table:
                 raise UsageError(f"preset {path}: unknown key {name!r}{_suggest(name, table)}")
             _, f, typ = table[name]

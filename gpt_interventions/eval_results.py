@@ -30,8 +30,10 @@ def scored(row):
 
 
 def key(row):
-    """`syn/test ckpt.pt step 12 float32 eval_tokens=0`: what was scored, on which checkpoint, how."""
+    """`syn/test ckpt.pt step 12 float32 eval_tokens=0`: what was scored, on which checkpoint, how
+    (and ` window=1024` for windows shorter than the model's own: eval.py --block_size)."""
     budget = f" eval_tokens={row['eval_tokens']}" if "eval_tokens" in row else ""
+    budget += f" window={row['window']}" if "window" in row else ""
     return f"{scored(row)} {os.path.basename(str(row.get('checkpoint')))} step {row.get('step')} {row.get('dtype')}{budget}"
 
 
@@ -75,8 +77,9 @@ def final_step(meta, metrics):
 def final_result(rows, step, what):
     """(the run's result or None, why not): among `rows` that scored `what` (syn/test), the
     float32 one of the final checkpoint (ckpt.pt at `step`, or its snapshot), the most tokens
-    scored if several."""
-    wanted = [r for r in rows if scored(r) == what]
+    scored if several; on the model's own windows (a --block_size score is kept beside it, never
+    the run's)."""
+    wanted = [r for r in rows if scored(r) == what and "window" not in r]
     final = [r for r in of_checkpoint(wanted, (FINAL, snapshot_name(step)), step)
              if r.get("dtype") == REFERENCE_DTYPE]
     if final:

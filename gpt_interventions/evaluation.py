@@ -9,9 +9,11 @@ from gpt_interventions.loader import read_windows
 
 
 @torch.no_grad()
-def evaluate(model, windows, batch_size, device, dtype="float32", rank=0, world_size=1):
+def evaluate(model, windows, batch_size, device, dtype="float32", rank=0, world_size=1, block_size=None):
     """Mean cross-entropy over every target token of `windows`, summed in float64.
 
+    Each window is block_size tokens (default the model's own; a shorter one scores a long-context
+    model on the windows a shorter model is scored on: eval.py --block_size).
     Windows are dealt round-robin to ranks and the sums all-reduced, so any world size scores
     exactly the same tokens. Returns (loss, tokens). The head is scored in slices (GPT.nll_sum),
     except for a compiled model on a GPU, whose compiled forward scores 1.35x faster there (at 4x
@@ -20,13 +22,14 @@ def evaluate(model, windows, batch_size, device, dtype="float32", rank=0, world_
     device_type = device_type_of(device)
     compiled = model if device_type == "cuda" and hasattr(model, "_orig_mod") else None
     model = getattr(model, "_orig_mod", model)  # the plain module: its config, its train/eval mode
+    block_size = block_size or model.config.block_size
     was_training = model.training
     model.eval()
     mine = windows[rank::world_size]
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, token count)
     chunk = 2**27 if device_type == "cuda" else 2**19  # logits at a time: see GPT.nll_sum
     for i in range(0, len(mine), batch_size):
-        x, y = read_windows(mine[i:i + batch_size], model.config.block_size, model.config.vocab_size)
+        x, y = read_windows(mine[i:i + batch_size], block_size, model.config.vocab_size)
         x = torch.from_numpy(x).to(device, non_blocking=True)
         y = torch.from_numpy(y).to(device, non_blocking=True)
         with autocast(device_type, dtype):

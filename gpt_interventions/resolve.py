@@ -1,8 +1,9 @@
 """A run's config from its command line and its directory: start it, continue it, or refuse.
 
-train.py resolves presets and flags, then looks in the run directory: the same run is continued
-(a restart reruns the same command), another one refused with what differs; and a resumed run
-must find the same training data it was trained on.
+train.py resolves presets (TOML files, or the story's run directories: story_runs.py) and flags,
+then looks in the run directory: the same run is continued (a restart reruns the same command),
+another one refused with what differs; and a resumed run must find the same training data it was
+trained on.
 """
 
 import dataclasses
@@ -12,8 +13,9 @@ from dataclasses import asdict
 
 from gpt_interventions.branch import load_branch
 from gpt_interventions.checkpoint import load_checkpoint, model_config_of
-from gpt_interventions.cli import parse_config
+from gpt_interventions.cli import is_preset, parse_config, split_flags
 from gpt_interventions.errors import UsageError
+from gpt_interventions.story_runs import run_preset
 from gpt_interventions.training import RUNTIME_FIELDS, TrainConfig
 from model import GPTConfig
 
@@ -30,9 +32,10 @@ def resolve_config(argv, usage):
     checkpoint (gpt_interventions/branch.py).
     """
     classes = [GPTConfig, TrainConfig]
-    (mc, tc), _, _ = parse_config(argv, classes, "train.py", usage)
-    presets = [a for a in argv if a.endswith(".toml")]
-    run_name = tc.run_name or (os.path.splitext(os.path.basename(presets[-1]))[0] if presets else "run")
+    load_dir = story_run_loader(argv)
+    (mc, tc), _, _ = parse_config(argv, classes, "train.py", usage, load_dir=load_dir)
+    presets = [a for a in split_flags(argv)[0] if is_preset(a, load_dir)]
+    run_name = tc.run_name or (preset_name(presets[-1]) if presets else "run")
     out_dir = tc.out_dir or os.path.join("out", run_name)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     ckpt = None
@@ -42,7 +45,7 @@ def resolve_config(argv, usage):
                              "original command again (without --resume) to start it over")
         ckpt = load_checkpoint(ckpt_path)
         saved = saved_configs(ckpt)
-        (mc, tc), _, _ = parse_config(argv, classes, "train.py", usage, bases=saved)
+        (mc, tc), _, _ = parse_config(argv, classes, "train.py", usage, bases=saved, load_dir=load_dir)
         changed = differences(saved, (mc, tc))
         if changed:
             raise UsageError(f"cannot resume {out_dir} with a changed config ({'; '.join(changed)}); "
@@ -69,6 +72,19 @@ def resolve_config(argv, usage):
     if tc.branch_from and ckpt is None and not tc.dry_run:  # a branch starts; a restart goes on from its own
         ckpt = load_branch(mc, tc, saved_configs, differences)
     return mc, tc, ckpt
+
+
+def story_run_loader(argv):
+    """Reads a story run directory given as a preset (gpt_interventions/story_runs.py); a directory
+    whose name does not say its GPUs needs --total_batch_size among the flags."""
+    given = {name for name, _ in split_flags(argv)[1]}
+    return lambda path: run_preset(path, total_batch_size_given="total_batch_size" in given)
+
+
+def preset_name(path):
+    """The default run name a preset gives: config/best.toml -> best, runs/8xa100m40/ -> 8xa100m40."""
+    name = os.path.basename(os.path.normpath(path))
+    return name[:-len(".toml")] if name.endswith(".toml") else name
 
 
 def run_config(out_dir):

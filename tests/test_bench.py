@@ -59,6 +59,20 @@ def test_bench_prints_every_field_and_writes_a_profile(tmp_path, capsys):
         assert json.load(f)["traceEvents"]
 
 
+def test_bench_takes_a_story_run_directory_as_train_py_does(capsys):
+    # his expert run shrunk by flags: 6 experts, 2 active, micro-batches of 3, as his files say
+    run_dir = os.path.join(ROOT, "..", "shared", "story", "runs", "1xrtx3090-moe-no-balancing")
+    if not os.path.isdir(run_dir):
+        pytest.skip(f"{run_dir} is absent: the story's run directories come beside the clone")
+    run_main(bench.main, [run_dir, "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--vocab_size=256",
+                          "--total_batch_size=192", "--compile=False", "--dtype=float32", "--device=cpu",
+                          "--steps=1", "--warmup=0"])
+    lines = dict(line.split(None, 1) for line in capsys.readouterr().out.strip().splitlines())
+    assert lines["step"].startswith("192 tokens = 1 ranks x 2 x 3 x 32")
+    experts = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=256, n_expert=6, expert_top_k=2))
+    assert lines["model"].startswith(f"{experts.num_params():,} parameters, 1 layers x 32 wide")
+
+
 def test_bench_bad_input_is_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         run_main(bench.main, ["--steps=0"])

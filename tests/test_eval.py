@@ -125,6 +125,8 @@ BAD = [
     (["{run}", "--dataset=wide"], "outside the model's vocab_size 256"),
     (["{run}", "--split=dev"], "split must be one of train, val, test"),
     (["{run}", "--eval_tokens=-5"], "--eval_tokens must be >= 0"),
+    (["{run}", "--block_size=-1"], "--block_size must be >= 0"),
+    (["{run}", "--block_size=64"], "--block_size=64 is longer than the model's block_size 32"),
     (["{run}", "--batch_size=0"], "--batch_size positive"),
     (["{run}", "--eval_token=5"], "unknown flag --eval_token (did you mean --eval_tokens?)"),
     (["{run}", "{run}"], "unexpected argument"),

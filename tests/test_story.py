@@ -1,8 +1,10 @@
-"""The story's runs as presets: config/story/*.toml and the defaults resolve (train.py --dry_run) to
-the runs that the story's own configs describe (assets/story/runs, read as its code read them)."""
+"""The story's runs as presets and its data: the defaults are its baseline, every config/story/*.toml
+names its reported loss (tests/test_story_runs.py checks each against the story's own run files),
+and its token dataset imports and is read bit for bit as its code read it."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -20,69 +22,11 @@ from gpt_interventions.tokenizer import EOT
 from helpers import ROOT, cli, snapshot
 from model import GPT, GPTConfig
 
-RUNS = os.path.join(ROOT, "assets", "story", "runs")
-# the story's runs with another name here: a repeat of the baseline, and the best recipe on one GPU
-# with micro-batches of 6 (the micro-batch changes how, not what, a run computes)
-SAME_AS = {"baseline-2": ("baseline", []), "stacked-interventions": ("stacked-interventions-1", ["--batch_size=6"])}
-
-
-def story_run(name):
-    """What the story's code trained for run `name`, from its JSON files, by the rules of its code:
-    defaults where a key is absent, tokens per step from the GPUs in the run's name, warmup steps
-    floored, eta_min lr / 10, float16 autocast with TF32 unless use_amp is false, seed 42."""
-    with open(os.path.join(RUNS, name, "model.json")) as f:
-        m = json.load(f)
-    with open(os.path.join(RUNS, name, "train.json")) as f:
-        t = json.load(f)
-    # every key is one this mapping reads, or one that changes nothing here (where it checkpoints)
-    assert set(t) <= {"microbatch_size", "gradient_accumulation_steps", "min_train_tokens", "learning_rate",
-                      "weight_decay", "clipping_max_norm", "use_amp", "schedule_learning_rate",
-                      "warmup_period_percent", "random_seed", "checkpoint_interval", "dataset",
-                      "start_train_token", "start_val_token"}, name
-    assert set(m) <= {"vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias",
-                      "tie_weights"}, name
-    # its data: the story's tokens from the start (start_val_token is read by nothing since in-training
-    # validation was removed from its code)
-    assert t["dataset"] == "gpjt/fineweb-gpt2-tokens" and t["start_train_token"] == 0, name
-    gpus = int(name.split("x")[0])
-    micro, accum = t["microbatch_size"], t.get("gradient_accumulation_steps", 1)
-    per_step = gpus * micro * accum * m["context_length"]
-    steps = -(-t["min_train_tokens"] // per_step)
-    lr = t.get("learning_rate", 0.0004)
-    scheduled = t.get("schedule_learning_rate", False)
-    amp = t.get("use_amp", True)
-    model = {"vocab_size": m["vocab_size"], "block_size": m["context_length"], "n_embd": m["emb_dim"],
-             "n_head": m["n_heads"], "n_layer": m["n_layers"], "dropout": m["drop_rate"],
-             "qkv_bias": m["qkv_bias"], "tie_weights": m.get("tie_weights", False), "init": "torch"}
-    trained = {"dataset": "story", "batch_size": micro, "total_batch_size": per_step, "learning_rate": lr,
-               "lr_schedule": "story" if scheduled else "constant", "weight_decay": t.get("weight_decay", 0.1),
-               "decay_params": "all", "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
-               "grad_clip": t.get("clipping_max_norm", 0.0), "dtype": "float16" if amp else "float32",
-               "tf32": amp, "seed": t.get("random_seed", 42), "max_iters": 0}
-    if scheduled:
-        trained["min_lr"] = lr / 10
-    derived = {"ranks": gpus, "micro_batch": micro, "accum": accum, "tokens_per_step": per_step,
-               "max_steps": steps, "warmup_steps": steps * t.get("warmup_period_percent", 0) // 100 if scheduled else 0}
-    return gpus, model, trained, derived
-
-
 def dry_run(argv, world_size, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     capsys.readouterr()
     train.main([*argv, "--dry_run"])
     return json.loads(capsys.readouterr().out)
-
-
-@pytest.mark.parametrize("name", sorted(os.listdir(RUNS)))
-def test_each_story_run_is_a_preset(name, capsys, monkeypatch):
-    short = name.split("-", 1)[1]  # without the machine prefix (8xa100m40-)
-    preset, flags = SAME_AS.get(short, (short, []))
-    gpus, model, trained, derived = story_run(name)
-    got = dry_run([os.path.join(ROOT, "config", "story", f"{preset}.toml"), *flags], gpus, capsys, monkeypatch)
-    assert {k: got["model"][k] for k in model} == model
-    assert {k: got["train"][k] for k in trained} == trained
-    assert {k: got["derived"][k] for k in derived} == derived
-    assert got["train"]["run_name"] == preset
 
 
 def test_the_story_numbers(capsys, monkeypatch):
@@ -110,15 +54,35 @@ def test_every_preset_names_its_reported_loss():
     reported = {"baseline": "3.691526", "gradient-clipping": "3.678317", "qkv-bias": "3.669385",
                 "weight-decay-gpt2": "3.642940", "weight-decay-cerebras": "3.813856", "remove-dropout": "3.641282",
                 "schedule-learning-rate": "3.601917", "weight-tying": "3.874305", "no-amp": "3.678968",
-                "stacked-interventions-1": "3.577761"}
+                "stacked-interventions-1": "3.577761",
+                # the batch-size series, reported to three decimals
+                "original": "3.944", "8xa100m40": "3.674", "8xh100m80": "3.725", "8xa100m80": "3.730",
+                "8xb200m160": "3.771"}
     presets = sorted(p[:-5] for p in os.listdir(os.path.join(ROOT, "config", "story")))
-    assert len(presets) == 13 and set(reported) < set(presets)
+    assert len(presets) == 36 and set(reported) < set(presets)
     for name in presets:
         with open(os.path.join(ROOT, "config", "story", f"{name}.toml")) as f:
-            head = " ".join(f.read().split("\n")[:2])
+            head = " ".join(line.removeprefix("# ") for line in f.read().split("\n")[:2])
         assert f"run {name} (" in head, name
         assert f"reported test loss {reported[name]}" in head if name in reported else \
-            "test loss not reported to six decimals" in head, name
+            "test loss not reported" in head, name
+
+
+def test_each_row_of_the_results_table_is_its_preset_with_its_loss(capsys, monkeypatch):
+    # assets/story/results.csv (compare.py --results) names each run's differences from the baseline:
+    # the same config as config/story/NAME.toml, and the loss that preset's header reports
+    from gpt_interventions.results import IGNORED, import_results
+    runs, _ = import_results(os.path.join(ROOT, "assets", "story", "results.csv"))
+    assert len(runs) == 15
+    for run in runs:
+        preset = os.path.join(ROOT, "config", "story", f"{run.name}.toml")
+        got = dry_run([preset], 1, capsys, monkeypatch)
+        config = {**got["model"], **got["train"]}
+        assert {k: v for k, v in config.items() if k not in IGNORED} == \
+            {k: v for k, v in run.config.items() if k not in IGNORED}, run.name
+        with open(preset) as f:
+            head = " ".join(line.removeprefix("# ") for line in f.read().split("\n")[:2])
+        assert float(re.search(r"reported test loss (\d\.\d+)", head).group(1)) == run.loss, run.name
 
 
 def test_dry_run_reads_no_data_and_writes_nothing(tmp_path, capsys, monkeypatch):
