@@ -9,8 +9,8 @@
 Takes every train.py flag and preset (a TOML file or one of the story's run directories). A step is what train.py runs: step.accumulate_gradients
 over the step's micro-batches from a TrainLoader (on a temporary shard of random tokens), then
 the AdamW step. After `warmup` untimed steps (compilation, allocator), `steps` steps are timed.
-MFU uses model.flops_per_token (6N + 12·L·H·Q·T) against the device's peak dense throughput
-(device.PEAK_FLOPS); for a CPU or an unlisted GPU it says so instead of inventing a number.
+MFU uses model.flops_per_token (6 per matmul weight + 12·L·H·Q·T) against the device's peak
+dense throughput (device.PEAK_FLOPS); for a CPU or an unlisted GPU it says so instead of inventing a number.
 Also reported: the loader's share of a step (reading and copying the batches alone), and eval
 tokens/s (evaluation.evaluate, forward only) against training tokens/s on the same model.
 """
@@ -103,7 +103,7 @@ def bench(mc, tc, bc, d, tmp):
 
     def step():
         batches = (loader.batch(state["step"], micro) for micro in range(plan.accum))
-        accumulate_gradients(ddp_model, model, optimizer, scaler, batches, plan.accum, ctx, d, tc)
+        accumulate_gradients(ddp_model, model, optimizer, scaler, batches, plan.accum, ctx, d, tc, state["step"])
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

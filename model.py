@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt_interventions.cli import field
+from gpt_interventions.dropout import SequenceDropout, site_number
 from gpt_interventions.moe import MoE
 
 
@@ -105,7 +106,8 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_SCALE = True
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = SequenceDropout(config.dropout)  # on the attention probabilities
+        self.resid_dropout = SequenceDropout(config.dropout)
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
         if config.qk_norm:  # over each head's hs dims, one set of gains shared by the heads
             self.q_norm = make_norm(config, config.n_embd // config.n_head)
@@ -115,7 +117,7 @@ class CausalSelfAttention(nn.Module):
         # the standard scale at GPT-2's 64-wide heads; None: SDPA's own 1/sqrt(d_head)
         self.scale = 8 / (config.n_embd // config.n_head) if config.parametrization == "mup" else None
 
-    def forward(self, x, rope=None):
+    def forward(self, x, rope=None, keys=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -125,10 +127,23 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # (cos, sin) of positions 0..T-1
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if keys is not None and self.training and self.dropout > 0:
+            y = self.attention(q, k, v, keys)  # keyed masks: SDPA's dropout takes no mask
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(y), keys)
+
+    def attention(self, q, k, v, keys):
+        """Causal attention computed explicitly (as the book's code computes it), with dropout on
+        the probabilities keyed per sequence: (B, nh, T, hs) each -> (B, nh, T, hs)."""
+        T = q.size(-2)
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.size(-1))  # SDPA's default
+        att = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        att = att.masked_fill(causal, float("-inf")).softmax(dim=-1)
+        return self.attn_dropout(att, keys).to(v.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -141,17 +156,18 @@ class MLP(nn.Module):
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
         self.c_proj = nn.Linear(h, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_SCALE = True
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = SequenceDropout(config.dropout)
         self.kind = config.mlp
 
-    def forward(self, x):
+    def forward(self, x, keys=None):
+        """x (B, T, C), or (B*T, C) rows in sequence order (an expert's), -> the same shape."""
         if self.kind == "swiglu":
             h = F.silu(self.c_gate(x)) * self.c_fc(x)
         elif self.kind == "relu2":
             h = F.relu(self.c_fc(x)).square()
         else:
             h = self.gelu(self.c_fc(x))
-        return self.dropout(self.c_proj(h))
+        return self.dropout(self.c_proj(h), keys)
 
 
 class Block(nn.Module):
@@ -162,13 +178,19 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MoE(config, MLP) if config.n_expert else MLP(config)
 
-    def forward(self, x, rope=None):
-        """x (B, T, C) -> (x, the MoE balancing loss of this block, or None with a dense MLP)."""
-        x = x + self.attn(self.ln_1(x), rope)
+    def forward(self, x, rope=None, keys=None):
+        """x (B, T, C) -> (x, the MoE balancing loss of this block, or None with a dense MLP);
+        keys: the sequences' dropout keys (gpt_interventions/dropout.py), or None."""
+        x = x + self.attn(self.ln_1(x), rope, keys)
         if isinstance(self.mlp, MoE):
-            y, balance = self.mlp(self.ln_2(x))
+            y, balance = self.mlp(self.ln_2(x), keys)
             return x + y, balance
-        return x + self.mlp(self.ln_2(x)), None
+        return x + self.mlp(self.ln_2(x), keys), None
+
+
+def matmul_weights(module):
+    """Entries of the Linear weights in module: each is one multiply-add per token forward."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
 
 
 class GPT(nn.Module):
@@ -188,7 +210,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.padded_vocab, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
+            drop=SequenceDropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=make_norm(config, config.n_embd),
         ))
@@ -203,6 +225,9 @@ class GPT(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight  # one tensor, two names: wte's init
         if config.position == "rope":  # wpe was drawn too, so rope changes no other weight's draw
             del self.transformer.wpe
+        for name, module in self.named_modules():
+            if isinstance(module, SequenceDropout):
+                module.site = site_number(name)
         if config.zero_init_proj:  # drawn, then zeroed: no other weight's draw moves
             for proj in self.modules():  # attn.c_proj and mlp.c_proj (every expert's, with n_expert)
                 if getattr(proj, "RESIDUAL_SCALE", False):
@@ -306,16 +331,17 @@ class GPT(nn.Module):
 
     def num_params(self):
         """Every parameter counted once (a tied head is not counted twice), embeddings included;
-        every expert counted (flops_per_token counts the ones a token uses)."""
+        every expert counted (flops_per_token counts the matmuls a token goes through)."""
         return sum(p.numel() for p in self.parameters())
 
     def body(self, idx):
         """idx (B, T) token ids -> final hidden states (B, T, C): everything but the output head."""
         return self.trunk(idx)[0]
 
-    def trunk(self, idx):
+    def trunk(self, idx, dropout_keys=None):
         """idx (B, T) -> (final hidden states (B, T, C), the MoE balancing loss averaged over the
-        layers, or None without experts)."""
+        layers, or None without experts). dropout_keys (B, 2): each sequence's dropout key
+        (gpt_interventions/dropout.py); None: torch's dropout from the global generator."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
@@ -325,10 +351,10 @@ class GPT(nn.Module):
             rope = rotary(pos, self.config.n_embd // self.config.n_head, self.config.rope_base)
         else:
             x = x + self.transformer.wpe(pos)
-        x = self.transformer.drop(x)
+        x = self.transformer.drop(x, dropout_keys)
         balance = []
         for block in self.transformer.h:
-            x, b = block(x, rope)
+            x, b = block(x, rope, dropout_keys)
             if b is not None:
                 balance.append(b)
         return self.transformer.ln_f(x), torch.stack(balance).mean() if balance else None
@@ -342,11 +368,11 @@ class GPT(nn.Module):
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits.float() / cap) if cap else logits
 
-    def forward(self, idx, targets=None, z_loss=0.0, moe_aux_loss=0.0):
+    def forward(self, idx, targets=None, z_loss=0.0, moe_aux_loss=0.0, dropout_keys=None):
         """idx (B, T) token ids -> logits (B, T, vocab); with targets, loss = mean cross-entropy, plus
         z_loss * mean(logsumexp(logits)^2) (PaLM's z-loss) and moe_aux_loss * the experts' balancing
-        loss (with n_expert > 0) when they are > 0: the training objective."""
-        h, balance = self.trunk(idx)
+        loss (with n_expert > 0) when they are > 0: the training objective. dropout_keys: see trunk."""
+        h, balance = self.trunk(idx, dropout_keys)
         logits = self.softcap(self.lm_head(h))  # (B, T, padded_vocab)
         if self.config.pad_vocab:
             logits = logits[..., : self.config.vocab_size]  # padded ids are never predicted
@@ -394,11 +420,16 @@ class GPT(nn.Module):
         return total
 
     def flops_per_token(self):
-        """Training FLOPs per token: 6N for the matmuls plus 12*L*H*Q*T for attention (PaLM).
-        N counts the parameters a token uses: with experts, top_k of them (and the router)."""
+        """Training FLOPs per token: 6 per matmul weight a token meets (2 forward, 4 backward) plus
+        12*L*H*Q*T for attention's two T x T matmuls (PaLM). Matmuls only: the token and position
+        embeddings are lookups (a tied head is still a matmul, counted as the head), and biases,
+        norms and activations are not counted. With experts, the top_k experts a token is routed
+        to (and the router), not the ones the dense computation runs for nothing."""
         c = self.config
-        n = self.num_params() - (c.block_size * c.n_embd if c.position == "learned" else 0)  # wpe: no matmul
-        n -= sum(b.mlp.inactive_params() for b in self.transformer.h if isinstance(b.mlp, MoE))
+        n = matmul_weights(self)
+        for block in self.transformer.h:
+            if isinstance(block.mlp, MoE):
+                n -= (c.n_expert - c.expert_top_k) * matmul_weights(block.mlp.experts[0])
         return 6 * n + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
 
     @torch.no_grad()

@@ -35,6 +35,7 @@ from gpt_interventions.device import (
     setup_dist,
     teardown_dist,
 )
+from gpt_interventions.dropout import RULE as DROPOUT_RULE
 from gpt_interventions.errors import RunError, UsageError, run_main
 from gpt_interventions.evaluation import evaluate
 from gpt_interventions.loader import TrainLoader, eval_windows, read_windows
@@ -46,7 +47,7 @@ from gpt_interventions.resolve import check_same_data, resolve_config
 from gpt_interventions.rundir import Run, keep_snapshots
 from gpt_interventions.schedule import get_lr
 from gpt_interventions.shards import find_shards
-from gpt_interventions.step import accumulate_gradients, step_seed, wrap_model
+from gpt_interventions.step import accumulate_gradients, wrap_model
 from gpt_interventions.story_runs import describe
 from gpt_interventions.trackers import check_trackers
 from gpt_interventions.training import Plan, TrainConfig, kept_steps, make_plan
@@ -210,7 +211,7 @@ def train(mc, tc, ckpt, d, stop, story_runs=()):
                  bad_step=torch.full((), -1, dtype=torch.long, device=d.device), peak=peak_flops(d.device, tc.dtype),
                  routing_x=routing_batch(windows, mc, tc.eval_batch_size or tc.batch_size, d.device),
                  kept=frozenset(kept_steps(tc)), branch=ckpt.get("branch") if ckpt else None)
-    record_start(t, start, resumed=ckpt is not None and not ckpt.get("branching"), story_runs=story_runs)
+    record_start(t, start, ckpt, story_runs=story_runs)
 
     fwd_model, ddp_model = wrap_model(model, tc, d)
     ctx = autocast(d.device_type, tc.dtype)
@@ -221,10 +222,9 @@ def train(mc, tc, ckpt, d, stop, story_runs=()):
         lr = get_lr(step, tc, plan)  # learning_rate's: the logged lr
         for group in optimizer.param_groups:  # each group from its own peak (AdamW's, Muon's)
             group["lr"] = get_lr(step, tc, plan, group["peak_lr"])
-        torch.manual_seed(step_seed(tc.seed, step, d.rank))  # dropout: resume needs no RNG state
         batches = (loader.batch(step, micro) for micro in range(plan.accum))
         loss_sum, norm = accumulate_gradients(ddp_model, model, optimizer, scaler, batches, plan.accum,
-                                              ctx, d, tc)
+                                              ctx, d, tc, step)
         update(t, step, loss_sum, norm)
 
         done = step + 1
@@ -249,10 +249,10 @@ def train(mc, tc, ckpt, d, stop, story_runs=()):
 # the loop's bookkeeping
 
 
-def record_start(t, start, resumed, story_runs=()):
+def record_start(t, start, ckpt, story_runs=()):
     """config.json (resolved config, derived values, environment; the story's run directories given
     as presets) and the run's first log lines."""
-    num_params = t.model.num_params()
+    num_params, resumed = t.model.num_params(), ckpt is not None and not ckpt.get("branching")
     config_path = os.path.join(t.tc.out_dir, "config.json")
     before = None
     if resumed and os.path.isfile(config_path):
@@ -279,6 +279,9 @@ def record_start(t, start, resumed, story_runs=()):
     if t.d.device_type == "cpu" and before not in (None, torch.get_num_threads()):
         t.run.log(f"note: the run used {before} CPU threads and goes on with {torch.get_num_threads()}: its numbers "
                   "will differ from an uninterrupted run's in the last bits (set OMP_NUM_THREADS to match)")
+    if ckpt is not None and t.mc.dropout > 0 and ckpt.get("rng", {}).get("dropout") != DROPOUT_RULE:
+        t.run.log(f"note: the checkpoint drew dropout masks per (step, rank) in micro-batch order; from step "
+                  f"{start} on they are drawn per sequence (seed, step, index in the step): a change of rule mid-run")
     if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0 and \
             os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
         t.run.log("warning: torchrun may restart this run, but its restarted ranks can fail to reconnect through "
@@ -398,7 +401,8 @@ def checkpoint_state(t, step):
         "data": {"dataset": t.tc.dataset, "tokens_per_step": t.plan.tokens_per_step, "order": "stream",
                  "data_seed": t.tc.data_seed, "epoch": t.loader.epoch_of(step),
                  "shards": [[os.path.basename(p), n] for p, n in t.shards]},
-        "rng": {"scheme": "dropout reseeded each step from (seed, step, rank)", "seed": t.tc.seed},
+        "rng": {"scheme": "dropout masks from (seed, step, sequence index in the step)", "dropout": DROPOUT_RULE,
+                "seed": t.tc.seed},
         "skipped_steps": t.skipped,
         **({"branch": t.branch} if t.branch else {}),
     }

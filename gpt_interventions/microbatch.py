@@ -45,7 +45,7 @@ def trial_step(mc, tc, d, batch_size):
     scaler = torch.amp.GradScaler(d.device_type, enabled=tc.dtype == "float16")
     x, y = (torch.randint(0, mc.vocab_size, (batch_size, mc.block_size)).numpy() for _ in range(2))
     accumulate_gradients(model, model, optimizer, scaler, [(x, y)], 1,
-                         autocast(d.device_type, tc.dtype), d, tc)
+                         autocast(d.device_type, tc.dtype), d, tc, step=0)
     scaler.step(optimizer)
     torch.cuda.synchronize(d.device)
     return torch.cuda.max_memory_allocated(d.device) / torch.cuda.get_device_properties(d.device).total_memory

@@ -61,20 +61,22 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList([expert(config) for _ in range(config.n_expert)])
         self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, keys=None):
+        """keys: the sequences' dropout keys (B, 2) or None; each expert drops by its tokens' keys."""
         h = x.flatten(0, 1)  # (N, C) tokens
         gates, probs, chosen = route(self.router(h), self.top_k)  # (N, E), (N, E), (N, k)
-        y = self.sparse(h, gates, chosen) if self.impl == "sparse" else self.dense(h, gates)
+        tokens = token_keys(keys, x.shape)
+        y = self.sparse(h, gates, chosen, tokens) if self.impl == "sparse" else self.dense(h, gates, tokens)
         return y.view_as(x), balance_loss(probs, chosen)
 
-    def dense(self, h, gates):
+    def dense(self, h, gates, tokens=None):
         """h (N, C) -> (N, C): every expert on every token, a zero gate where it was not chosen."""
-        y = gates[:, :1] * self.experts[0](h)
+        y = gates[:, :1] * self.experts[0](h, tokens)
         for e in range(1, self.n_expert):
-            y = y + gates[:, e:e + 1] * self.experts[e](h)
+            y = y + gates[:, e:e + 1] * self.experts[e](h, tokens)
         return y
 
-    def sparse(self, h, gates, chosen):
+    def sparse(self, h, gates, chosen, tokens=None):
         """h (N, C) -> (N, C): each expert on the tokens routed to it, what dense computes.
 
         The N*k (token, expert) pairs are grouped by expert with a stable sort, each expert runs on
@@ -90,8 +92,11 @@ class MoE(nn.Module):
         order = pairs.argsort(stable=True)  # (N*k,) pairs grouped by expert, tokens in order
         # tokens per expert; one_hot, not bincount, whose output shape torch.compile cannot know
         counts = F.one_hot(pairs, self.n_expert).sum(dim=0).tolist()
-        parts = h[order // k].split(counts)  # each expert's tokens, (count_e, C)
-        out = torch.cat([expert(part) for expert, part in zip(self.experts, parts)])  # (N*k, C)
+        rows = order // k  # (N*k,) the token of each grouped pair
+        parts = h[rows].split(counts)  # each expert's tokens, (count_e, C)
+        keys = [None] * self.n_expert if tokens is None else \
+            zip(tokens[0][rows].split(counts), tokens[1][rows].split(counts))  # each part's tokens' keys
+        out = torch.cat([expert(part, key) for expert, part, key in zip(self.experts, parts, keys)])  # (N*k, C)
         out = out * gates.gather(1, chosen).flatten()[order, None]
         y = torch.empty_like(out).index_copy(0, order, out)  # (N*k, C) back in pair order
         return y.view(-1, k, y.size(-1)).sum(dim=1)
@@ -102,9 +107,15 @@ class MoE(nn.Module):
         switching MoE on moves no other weight's draw."""
         return [self.router, *(m for expert in self.experts[1:] for m in expert.modules())]
 
-    def inactive_params(self):
-        """Parameters a token does not use: the n_expert - top_k experts it is not routed to."""
-        return (self.n_expert - self.top_k) * sum(p.numel() for p in self.experts[0].parameters())
+
+def token_keys(keys, shape):
+    """Sequence keys (B, 2) of x (B, T, C) -> (each token's key (B*T, 2), the index of its first
+    element in its sequence (B*T,)): an expert sees tokens, in any order, and drops each as the
+    dense MLP drops it (gpt_interventions/dropout.py); None without keys."""
+    if keys is None:
+        return None
+    B, T, C = shape
+    return keys.repeat_interleave(T, dim=0), torch.arange(T, device=keys.device).repeat(B) * C
 
 
 @torch.no_grad()

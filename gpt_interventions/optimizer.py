@@ -82,10 +82,18 @@ class MuonAdamW(torch.optim.Optimizer):
         self._share()
 
 
+# Group entries that choose the kernel, not the maths: they belong to the device the run is on.
+KERNEL_SETTINGS = ("fused", "foreach", "capturable", "differentiable")
+
+
 def load_optimizer_state(optimizer, saved):
-    """Load a checkpoint's optimizer state; each group keeps the peak_lr this config gave it (a
-    checkpoint written before groups carried one has none)."""
-    peaks = [group["peak_lr"] for group in optimizer.param_groups]
-    optimizer.load_state_dict(saved)
-    for group, peak in zip(optimizer.param_groups, peaks):
-        group["peak_lr"] = peak
+    """Load a checkpoint's optimizer state. Each group keeps what this run configured for it: the
+    peak_lr this config gave it (a checkpoint written before groups carried one has none), and
+    its kernel settings, which come from the device the run resumes on, not the one that wrote
+    the checkpoint: a CPU run's non-fused AdamW resumed on CUDA would be handed GradScaler's
+    found_inf, which only the fused kernel takes, and a CUDA run's fused flag would follow it to
+    the CPU. They are set before loading, so the state lands where they want it (fused AdamW
+    keeps its step counts on the parameters' device, the others on the CPU)."""
+    kept = [{k: group[k] for k in ("peak_lr", *KERNEL_SETTINGS) if k in group} for group in optimizer.param_groups]
+    groups = [{**group, **mine} for group, mine in zip(saved["param_groups"], kept)]
+    optimizer.load_state_dict({**saved, "param_groups": groups})

@@ -1,12 +1,13 @@
 """One training step's model work, shared by train.py and bench.py so that the benchmark times
 exactly what a run computes: compile and DDP wrapping, batches to the device, forward and backward
-over the micro-batches, unscaling and clipping, and the dropout seed of each step."""
+over the micro-batches with each sequence's dropout keys, unscaling and clipping."""
 
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gpt_interventions.dropout import sequence_keys
 
 
 def wrap_model(model, tc, d):
@@ -30,8 +31,12 @@ def to_device(arrays, device):
     return [t.to(device, non_blocking=True) for t in tensors]
 
 
-def accumulate_gradients(ddp_model, model, optimizer, scaler, batches, accum, ctx, d, tc):
+def accumulate_gradients(ddp_model, model, optimizer, scaler, batches, accum, ctx, d, tc, step):
     """Forward and backward over one step's micro-batches, then unscale and clip (tc.grad_clip).
+
+    Dropout is keyed by (tc.seed, step, each sequence's index in the step): micro-batch `micro`
+    on rank `rank` holds the step's sequences from (rank * accum + micro) * B, as the loader lays
+    them out, so the masks do not depend on how the step is split (gpt_interventions/dropout.py).
 
     The loss is the training objective: cross-entropy, plus tc.z_loss times PaLM's z-loss term and
     tc.moe_aux_loss times the experts' balancing loss (GPT.forward). Returns (sum of the micro-batch mean losses, pre-clip global gradient norm), both still on
@@ -41,11 +46,12 @@ def accumulate_gradients(ddp_model, model, optimizer, scaler, batches, accum, ct
     loss_sum = torch.zeros((), device=d.device)
     for micro, arrays in enumerate(batches):
         x, y = to_device(arrays, d.device)
+        keys = sequence_keys(tc.seed, step, (d.rank * accum + micro) * len(x), len(x), d.device)
         # DDP all-reduces gradients only on the last micro-batch
         sync = ddp_model.no_sync() if d.world_size > 1 and micro < accum - 1 else nullcontext()
         with sync:
             with ctx:
-                _, loss = ddp_model(x, y, z_loss=tc.z_loss, moe_aux_loss=tc.moe_aux_loss)
+                _, loss = ddp_model(x, y, z_loss=tc.z_loss, moe_aux_loss=tc.moe_aux_loss, dropout_keys=keys)
             loss_sum += loss.detach()
             scaler.scale(loss / accum).backward()
     scaler.unscale_(optimizer)
@@ -55,7 +61,3 @@ def accumulate_gradients(ddp_model, model, optimizer, scaler, batches, accum, ct
         torch.nn.utils.clip_grads_with_norm_(model.parameters(), tc.grad_clip, norm)
     return loss_sum, norm
 
-
-def step_seed(seed, step, rank):
-    """Dropout RNG seed of one step on one rank: resume needs no RNG state to be bitwise exact."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])

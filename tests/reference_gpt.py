@@ -16,9 +16,9 @@ import os
 import torch
 import torch.nn.functional as F
 
+from gpt_interventions.dropout import keyed_dropout, sequence_keys, site_number
 from gpt_interventions.loader import TrainLoader, eval_windows, read_windows
 from gpt_interventions.shards import find_shards
-from gpt_interventions.step import step_seed
 from helpers import ckpt_of, read_metrics
 from model import GPT, GPTConfig
 
@@ -36,27 +36,41 @@ def weights_digest(tensors):
     return h.hexdigest()[:16]
 
 
-def gpt2_logits(p, idx, n_head, vocab_size, dropout=0.0, training=False):
+def gpt2_logits(p, idx, n_head, vocab_size, dropout=0.0, training=False, keys=None):
     """Logits (B, T, vocab_size) of GPT-2 from p, a state dict with GPT-2's names (a tied head is
     lm_head.weight = transformer.wte.weight; padded vocabulary rows are sliced off); dropout is
-    drawn where nanoGPT draws it: embeddings, attention weights, both residual branches."""
+    drawn where nanoGPT draws it: embeddings, attention weights, both residual branches; with keys
+    (B, 2) from each sequence's key at each site (gpt_interventions/dropout.py), attention then
+    computed as the book computes it."""
     B, T = idx.shape
+
+    def drop(t, site):
+        if keys is None or not training or dropout == 0:
+            return F.dropout(t, dropout, training)
+        return keyed_dropout(t, keys, site_number(site), dropout)
+
+    def attention(q, k, v, i):
+        if keys is None or not training or dropout == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout if training else 0.0)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))
+        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(dim=-1)
+        return drop(att, f"transformer.h.{i}.attn.attn_dropout") @ v
     C = p["transformer.wte.weight"].size(1)
     hs = C // n_head
     x = F.embedding(idx, p["transformer.wte.weight"]) + F.embedding(torch.arange(T), p["transformer.wpe.weight"])
-    x = F.dropout(x, dropout, training)
+    x = drop(x, "transformer.drop")
     n_layer = 1 + max(int(k.split(".")[2]) for k in p if k.startswith("transformer.h."))
     for i in range(n_layer):
         w = {k.removeprefix(f"transformer.h.{i}."): v for k, v in p.items() if k.startswith(f"transformer.h.{i}.")}
         h = F.layer_norm(x, (C,), w["ln_1.weight"], w["ln_1.bias"])
         q, k, v = F.linear(h, w["attn.c_attn.weight"], w.get("attn.c_attn.bias")).split(C, dim=2)
         q, k, v = (t.view(B, T, n_head, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout if training else 0.0)
+        y = attention(q, k, v, i)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        x = x + F.dropout(F.linear(y, w["attn.c_proj.weight"], w["attn.c_proj.bias"]), dropout, training)
+        x = x + drop(F.linear(y, w["attn.c_proj.weight"], w["attn.c_proj.bias"]), f"transformer.h.{i}.attn.resid_dropout")
         h = F.layer_norm(x, (C,), w["ln_2.weight"], w["ln_2.bias"])
         h = F.gelu(F.linear(h, w["mlp.c_fc.weight"], w["mlp.c_fc.bias"]), approximate="tanh")
-        x = x + F.dropout(F.linear(h, w["mlp.c_proj.weight"], w["mlp.c_proj.bias"]), dropout, training)
+        x = x + drop(F.linear(h, w["mlp.c_proj.weight"], w["mlp.c_proj.bias"]), f"transformer.h.{i}.mlp.dropout")
     x = F.layer_norm(x, (C,), p["transformer.ln_f.weight"], p["transformer.ln_f.bias"])
     return F.linear(x, p["lm_head.weight"])[..., :vocab_size]
 
@@ -83,7 +97,7 @@ def lr_before(step, tc, plan):
 
 def plain_run(out, initial):
     """Train `initial` (a state dict) as the run in `out` was configured (its config.json), by a
-    plain loop: the same batches and dropout seeds, AdamW on every parameter, the lr formulas,
+    plain loop: the same batches and dropout keys, AdamW on every parameter, the lr formulas,
     clip_grad_norm_. Returns (weights, AdamW's state, [(step, loss)], [(step, val_loss)]); the
     val losses from the full logits in float64, which the run's sliced head matches up to float
     rounding only."""
@@ -101,17 +115,17 @@ def plain_run(out, initial):
                          tc["data_seed"], mc["vocab_size"])
     windows = eval_windows(find_shards(tc["data_dir"], tc["dataset"], "val"), mc["block_size"], tc["eval_tokens"])
 
-    def logits(x, training):
-        return gpt2_logits(params, x, mc["n_head"], mc["vocab_size"], mc["dropout"], training)
+    def logits(x, training, keys=None):
+        return gpt2_logits(params, x, mc["n_head"], mc["vocab_size"], mc["dropout"], training, keys)
 
     losses, val_losses = [], []
     for step in range(plan["max_steps"]):
         optimizer.param_groups[0]["lr"] = lr_before(step, tc, plan)
-        torch.manual_seed(step_seed(tc["seed"], step, 0))
         loss_sum = torch.zeros(())
         for micro in range(plan["accum"]):
             x, y = (torch.from_numpy(a) for a in loader.batch(step, micro))
-            loss = gpt2_loss(logits(x, True), y)
+            keys = sequence_keys(tc["seed"], step, micro * len(x), len(x), "cpu")  # sequences of the step
+            loss = gpt2_loss(logits(x, True, keys), y)
             loss_sum += loss.detach()
             (loss / plan["accum"]).backward()
         if tc["grad_clip"] > 0:

@@ -17,8 +17,9 @@ from helpers import ROOT, assert_same_run, curve, make_shards, synthetic_tokens,
 @pytest.mark.slow
 def test_two_rank_ddp_matches_one_process(tmp_path):
     data_dir = make_shards(tmp_path / "data")
-    # 256 tokens per step: 1 process x 2 micro-batches of 4 x 32, or 2 ranks x 1 micro-batch
-    flags = dict(max_iters=6, eval_interval=3, batch_size=4)
+    # 256 tokens per step: 1 process x 2 micro-batches of 4 x 32, or 2 ranks x 1 micro-batch; with
+    # dropout, whose masks are keyed by each sequence's index in the step, not by rank
+    flags = dict(max_iters=6, eval_interval=3, batch_size=4, dropout=0.1)
     train.main(tiny_flags(data_dir, str(tmp_path / "one"), **flags))
     proc = torchrun("train.py", tiny_flags(data_dir, str(tmp_path / "two"), **flags))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -165,10 +165,46 @@ def test_generate_is_seeded_and_keeps_the_prompt():
 
 
 def test_flops_per_token_of_gpt2_small():
-    # 6 * (124,439,808 - 1024*768 position embeddings) + 12 * 12 layers * 12 heads * 64 * 1024
+    # matmuls only: 12 layers x 12 x 768^2 (c_attn, c_proj, c_fc, mlp.c_proj) plus the head's
+    # 50257 x 768, 6 FLOPs each, plus 12 * 12 layers * 12 heads * 64 * 1024 for attention. Tied or
+    # untied the same: the untied wte is a lookup (counted before, 6 x 38.6M FLOPs too many).
+    matmuls = 12 * 12 * 768 * 768 + 50257 * 768
     with torch.device("meta"):
-        model = GPT(gpt2_small(qkv_bias=True, tie_weights=True))
-    assert model.flops_per_token() == 6 * 123_653_376 + 12 * 12 * 12 * 64 * 1024 == 855_166_464
+        tied = GPT(gpt2_small(qkv_bias=True, tie_weights=True))
+        untied = GPT(gpt2_small(qkv_bias=False, tie_weights=False))  # the story's 163M
+    assert tied.flops_per_token() == untied.flops_per_token() == 6 * matmuls + 12 * 12 * 12 * 64 * 1024 == 854_438_400
+
+
+def counted_flops_per_token(model, rows=2):
+    """Training FLOPs per token as torch's FlopCounterMode counts the matmuls of one forward and
+    backward (with the math attention, whose two matmuls it counts; the CPU's flash kernel it does
+    not), less, with the dense mixture of experts, what it computes in the experts a token is not
+    routed to: n_layer x (n_expert - top_k) x one expert's forward and backward, counted alike
+    (the sparse mixture runs each expert on its tokens only, which the counter counts as it is)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    c = model.config
+    x = torch.randint(0, c.vocab_size, (rows, c.block_size), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(x, x)[1].backward()
+    per_token = counter.get_total_flops() / (rows * c.block_size)
+    if c.n_expert and c.moe_impl == "dense":
+        h = torch.randn(rows * c.block_size, c.n_embd, requires_grad=True)
+        with FlopCounterMode(display=False) as expert:
+            model.transformer.h[0].mlp.experts[0](h).sum().backward()
+        per_token -= c.n_layer * (c.n_expert - c.expert_top_k) * expert.get_total_flops() / h.size(0)
+    return per_token
+
+
+@pytest.mark.parametrize("switches", [dict(), dict(tie_weights=True), dict(position="rope"), dict(pad_vocab=True),
+                                      dict(qkv_bias=True, bias=False, mlp="swiglu"),
+                                      dict(n_expert=4, expert_top_k=2), dict(n_expert=4, expert_top_k=2, moe_impl="dense"),
+                                      dict(n_expert=3, expert_top_k=3, mlp="relu2")],
+                         ids=["untied", "tied", "rope", "pad_vocab", "swiglu", "experts", "dense-experts", "all-experts"])
+def test_flops_per_token_is_the_matmuls_a_flop_counter_counts(switches):
+    torch.manual_seed(0)
+    model = GPT(tiny(vocab_size=50, **switches))
+    assert model.flops_per_token() == counted_flops_per_token(model)
 
 
 # With 24 tokens and a vocabulary of 1000: chunk 1 gives one-column slices; 7 gives slices of 7

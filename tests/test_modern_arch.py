@@ -278,11 +278,12 @@ def test_z_loss_adds_its_coefficient_times_the_mean_squared_logsumexp():
     lse = torch.logsumexp(logits.double(), dim=-1)
     assert objective.item() - ce.item() == pytest.approx(0.01 * lse.square().mean().item(), rel=1e-4)
     # and the training step passes it on: the loss it sums is the objective
-    d = SimpleNamespace(device="cpu", device_type="cpu", world_size=1)
+    d = SimpleNamespace(device="cpu", device_type="cpu", world_size=1, rank=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    tc = SimpleNamespace(grad_clip=0.0, z_loss=0.01, moe_aux_loss=0.0)
-    total, _ = accumulate_gradients(model, model, opt, scaler, [(idx.numpy(), y.numpy())], 1, nullcontext(), d, tc)
+    tc = SimpleNamespace(grad_clip=0.0, z_loss=0.01, moe_aux_loss=0.0, seed=0)
+    total, _ = accumulate_gradients(model, model, opt, scaler, [(idx.numpy(), y.numpy())], 1, nullcontext(), d, tc,
+                                    step=0)
     assert total.item() == objective.item()
     assert model.nll_sum(idx, y).item() == pytest.approx(ce.item() * 24, rel=1e-6)  # eval: no z-loss
 

@@ -71,8 +71,8 @@ def test_every_switch_at_once_trains_resumes_bitwise_and_evaluates(data_dir, tmp
 @pytest.mark.slow
 def test_every_architecture_switch_under_two_rank_ddp_matches_one_process(data_dir, tmp_path):
     # AdamW here: Muon's own DDP test (tests/test_muon.py) bounds its bfloat16 Newton-Schulz rounding
-    # no dropout: its masks are drawn per rank, so one process and two ranks would drop different units
-    flags = {**EVERYTHING, "optimizer": "adamw", "dropout": 0.0, "max_iters": 6, "eval_interval": 3,
+    # dropout too: its masks follow each sequence, so one process and two ranks drop the same units
+    flags = {**EVERYTHING, "optimizer": "adamw", "max_iters": 6, "eval_interval": 3,
              "checkpoint_interval": 6}
     train.main(tiny_flags(data_dir, str(tmp_path / "one"), **flags))
     proc = torchrun(os.path.join(ROOT, "train.py"), tiny_flags(data_dir, str(tmp_path / "two"), **flags))

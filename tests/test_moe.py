@@ -349,7 +349,8 @@ def test_flops_per_token_counts_the_experts_a_token_uses():
     expert = 16 * 64 + 64 + 64 * 16 + 16  # c_fc and c_proj with biases
     router = 16 * 4
     assert moe.num_params() == dense.num_params() + 2 * (3 * expert + router)  # every expert counted
-    assert moe.flops_per_token() == dense.flops_per_token() + 6 * 2 * (expert + router)  # 2 of 4 used
+    matmuls = 16 * 64 + 64 * 16  # FLOPs count the weights of matmuls, not the biases
+    assert moe.flops_per_token() == dense.flops_per_token() + 6 * 2 * (matmuls + router)  # 2 of 4 used
 
 
 def test_generate_runs_through_the_experts(moe_run):

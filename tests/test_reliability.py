@@ -18,13 +18,11 @@ import pytest
 import torch
 
 import train
-from gpt_interventions import checkpoint, rundir
+from gpt_interventions import checkpoint, loader, rundir
 from gpt_interventions.checkpoint import load_checkpoint
 from gpt_interventions.errors import UsageError
 from gpt_interventions.formats import load_model
 from gpt_interventions.shards import write_shard
-from gpt_interventions.step import step_seed
-from gpt_interventions.training import TrainConfig
 from helpers import (
     stop_after,
     EXACT,
@@ -42,8 +40,8 @@ from helpers import (
 from model import GPT
 
 FAULT_TRAIN = os.path.join(ROOT, "tests", "fault_train.py")
-# across world sizes only to float tolerance; dropout off, as its masks are drawn per rank
-WORLD = dict(max_iters=12, lr_schedule="cosine", warmup_iters=3, grad_clip=1.0, batch_size=4)
+# across world sizes only to float tolerance; dropout on: its masks are keyed per sequence, not rank
+WORLD = dict(max_iters=12, lr_schedule="cosine", warmup_iters=3, grad_clip=1.0, batch_size=4, dropout=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -351,14 +349,18 @@ class NanGradient(torch.autograd.Function):
 
 def inject_nonfinite(monkeypatch, what, step):
     """Make the loss or only the gradient of 0-indexed `step` non-finite."""
-    forward = GPT.forward
-    seed = step_seed(TrainConfig().seed, step, 0)  # train reseeds every step: this identifies the step
+    forward, batch, now = GPT.forward, loader.TrainLoader.batch, {}
+
+    def reading(self, s, micro):  # the step the forward below belongs to
+        now["step"] = s
+        return batch(self, s, micro)
 
     def bad_forward(self, idx, targets=None, **objective):  # objective: the forward's loss coefficients
         logits, loss = forward(self, idx, targets, **objective)
-        if self.training and torch.initial_seed() == seed:
+        if self.training and now.get("step") == step:
             loss = loss * float("nan") if what == "loss" else NanGradient.apply(loss)
         return logits, loss
+    monkeypatch.setattr(loader.TrainLoader, "batch", reading)
     monkeypatch.setattr(GPT, "forward", bad_forward)
 
 

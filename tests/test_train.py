@@ -12,12 +12,11 @@ import train
 from gpt_interventions import loader
 from gpt_interventions.checkpoint import load_checkpoint
 from gpt_interventions.errors import run_main
-from gpt_interventions.optimizer import configure_optimizer
+from gpt_interventions.optimizer import KERNEL_SETTINGS, configure_optimizer, load_optimizer_state
 from gpt_interventions.schedule import get_lr
 from gpt_interventions.shards import find_shards, read_tokens
-from gpt_interventions.step import step_seed
 from gpt_interventions.training import TrainConfig, make_plan
-from helpers import VOCAB, curve, make_shards, read_metrics, tiny_flags
+from helpers import VOCAB, curve, make_shards, read_metrics, stop_after, tiny_flags
 from model import GPT, GPTConfig
 
 
@@ -115,12 +114,14 @@ def test_run_directory_contents(data_dir, tmp_path):
     assert row["mfu"] is None  # no known peak for a CPU: no invented number
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("batch_size", [4, 2])
 @pytest.mark.numerics
-def test_gradient_accumulation_gives_the_same_losses(data_dir, tmp_path, batch_size):
-    # 256 tokens per step = 8 sequences of 32: 1 x 8 against 2 x 4 and 4 x 2 micro-batches
-    ref = curve(run(data_dir, tmp_path / "ref", batch_size=8))
-    other = curve(run(data_dir, tmp_path / "acc", batch_size=batch_size))
+def test_gradient_accumulation_gives_the_same_losses(data_dir, tmp_path, batch_size, dropout):
+    # 256 tokens per step = 8 sequences of 32: 1 x 8 against 2 x 4 and 4 x 2 micro-batches; with
+    # dropout too, as its masks are keyed by each sequence's index in the step
+    ref = curve(run(data_dir, tmp_path / "ref", batch_size=8, dropout=dropout))
+    other = curve(run(data_dir, tmp_path / "acc", batch_size=batch_size, dropout=dropout))
     assert [r["tokens"] for r in ref] == [r["tokens"] for r in other]
     for a, b in zip(ref, other):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
@@ -204,14 +205,18 @@ def test_weight_decay_groups_cover_every_parameter_once():
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
-    forward = GPT.forward
+    forward, batch, now = GPT.forward, loader.TrainLoader.batch, {}
+
+    def reading(self, step, micro):  # the step the forward below belongs to
+        now["step"] = step
+        return batch(self, step, micro)
 
     def explode_after_step_6(self, idx, targets=None, **objective):  # objective: the forward's loss coefficients
         logits, loss = forward(self, idx, targets, **objective)
-        if self.training and torch.initial_seed() == explode_after_step_6.seed_at_7:
+        if self.training and now.get("step") == 7:
             loss = loss * float("nan")
         return logits, loss
-    explode_after_step_6.seed_at_7 = step_seed(TrainConfig().seed, 7, 0)
+    monkeypatch.setattr(loader.TrainLoader, "batch", reading)
     monkeypatch.setattr(GPT, "forward", explode_after_step_6)
     with pytest.raises(SystemExit) as e:
         run_main(train.main, tiny_flags(data_dir, str(tmp_path / "nan"), checkpoint_interval=4, log_interval=4))
@@ -281,3 +286,44 @@ def test_a_resume_on_another_thread_count_and_a_restart_budget_without_the_store
     log = open(os.path.join(out, "log.txt")).read()
     assert f"note: the run used {threads} CPU threads and goes on with {threads + 1}" in log
     assert "launch it with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in log
+
+
+# --- resuming on another device type -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("written_on, resumed_on", [("cpu", "cuda"), ("cuda", "cpu")], ids=["cpu-to-cuda", "cuda-to-cpu"])
+def test_resume_takes_the_optimizer_kernel_of_the_device_it_resumes_on(data_dir, tmp_path, monkeypatch, optimizer,
+                                                                      written_on, resumed_on):
+    # configure_optimizer builds a fused AdamW on CUDA; the CPU runs it too, so both ends of a
+    # float16 run that moves between device types run here: "cuda" is the optimizer CUDA builds
+    flags = dict(dtype="float16", optimizer=optimizer, max_iters=4, total_batch_size=128)
+    out = str(tmp_path / "run")
+
+    def as_on(device_type):
+        monkeypatch.setattr(train, "configure_optimizer", lambda model, tc, _: configure_optimizer(model, tc, device_type))
+    as_on(written_on)
+    stop_after(monkeypatch, 1)
+    run(data_dir, out, **flags)
+    monkeypatch.undo()
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["step"] == 2 and ckpt["optimizer"]["param_groups"][0]["fused"] == (written_on == "cuda")
+
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    resumed = configure_optimizer(model, TrainConfig(**ckpt["train_config"]), resumed_on)
+    fresh = [{k: g[k] for k in KERNEL_SETTINGS if k in g} for g in resumed.param_groups]
+    load_optimizer_state(resumed, ckpt["optimizer"])
+    again = resumed.state_dict()
+    for group, saved, kernel in zip(again["param_groups"], ckpt["optimizer"]["param_groups"], fresh):
+        assert {k: group[k] for k in kernel} == kernel  # the resuming device's kernel
+        assert {k: v for k, v in group.items() if k not in kernel} == {k: v for k, v in saved.items() if k not in kernel}
+    assert again["state"].keys() == ckpt["optimizer"]["state"].keys()
+    for i, state in ckpt["optimizer"]["state"].items():
+        assert again["state"][i].keys() == state.keys()
+        for name, t in state.items():
+            assert torch.equal(again["state"][i][name], t), (i, name)
+
+    as_on(resumed_on)  # the run itself steps on (a float16 GradScaler hands found_inf to fused AdamW only)
+    run(data_dir, out, resume=True, **flags)
+    assert [r["step"] for r in curve(out)] == [1, 2, 3, 4]
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["optimizer"]["param_groups"][0]["fused"] == (resumed_on == "cuda")
