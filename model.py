@@ -240,12 +240,9 @@ class GPT(nn.Module):
         Embedding N(0, 1); Linear weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)); LayerNorm 1, 0.
 
         Drawn module by module, the head included (a tied head is then replaced by wte), then the
-        QKV biases, then the modules a mixture of experts adds (_init_order), so that no switch
-        moves another weight's draw: with bias=False the absent biases are drawn and dropped, and
-        so are absent QKV biases when experts are drawn after them (issue 21, defect 7); the head
-        and the routers never have one and draw none, as in the story's code. The
-        book's separate W_query/W_key/W_value have the same fan_in as our fused c_attn, so the
-        same distribution.
+        QKV biases, then the modules experts add (_init_order): no switch moves another weight's
+        draw (absent biases, and absent QKV biases before experts, are drawn and dropped; the head
+        and routers never have one). The book's W_query/W_key/W_value have our c_attn's fan_in.
         """
         qkv = [block.attn.c_attn for block in self.transformer.h]
         # no bias drawn here: the QKV biases (below) and the Linears no switch gives a bias

@@ -62,7 +62,7 @@ def shared_with_dense(state):
             if "router" not in k and (".experts." not in k or ".experts.0." in k)}
 
 
-# each other switch alone and all together, each with qkv_bias off and on (issue 21, defect 7: the
+# each other switch alone and all together, each with qkv_bias off and on (the
 # QKV biases were drawn after the router and experts 1..E-1, so experts moved them)
 OTHERS = [dict(), dict(tie_weights=True), dict(pad_vocab=True), dict(bias=False), dict(mlp="swiglu"),
           dict(mlp="relu2"), dict(norm="rmsnorm"), dict(qk_norm=True), dict(position="rope"),
