@@ -32,6 +32,12 @@ def make_shards(data_dir, dataset="syn", train=(40_000,), val=8_000, test=8_000,
     return str(data_dir)
 
 
+def replicates(root, prefix, mean, spread, first_seed=42, **config):
+    """Three fake runs of one configuration: test losses mean - spread, mean, mean + spread."""
+    for i, eps in enumerate((-spread, 0.0, spread)):
+        fake_run(root, f"{prefix}-s{i}", mean + eps, seed=first_seed + i, **config)
+
+
 def tiny_flags(data_dir, out_dir, **overrides):
     """Flags for a tiny CPU run (about 30k parameters) on shards from make_shards."""
     flags = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=VOCAB, dropout=0.0,
