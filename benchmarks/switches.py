@@ -6,9 +6,9 @@ breaks, and agreement with eager, one table row per switch and precision.
 
 A row is GPT-2 small's shape (12 layers x 768, block 1024, the GPT-2 vocabulary: the project's
 defaults, untied, 163M parameters) with dropout 0, plus one switch; "modern.toml" is that preset
-as train.py reads it (its switches, Muon, dropout 0, clipping). Dropout 0 draws no masks, so the
-compiled and the eager run differ only in their arithmetic; the dropout row's compiled run draws
-its own masks (inductor's RNG), so its difference is not arithmetic alone.
+as train.py reads it (its switches, Muon, dropout 0, clipping). Dropout masks are keyed
+hashes of (seed, step, sequence) (gpt_interventions/dropout.py), the same compiled or eager, so the
+two runs of a row differ only in their arithmetic.
 
 Each row trains `warmup + steps` steps on the same random tokens twice from the same initial
 weights, compiled (torch.compile, train.py's --compile=True) and eager, through
@@ -40,7 +40,7 @@ from gpt_interventions.cli import field, parse_config  # noqa: E402
 from gpt_interventions.device import autocast, setup_dist  # noqa: E402
 from gpt_interventions.errors import UsageError, run_main  # noqa: E402
 from gpt_interventions.optimizer import configure_optimizer  # noqa: E402
-from gpt_interventions.step import accumulate_gradients, step_seed, wrap_model  # noqa: E402
+from gpt_interventions.step import accumulate_gradients, wrap_model  # noqa: E402
 from gpt_interventions.training import TrainConfig  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -124,9 +124,8 @@ def train_steps(mc, tc, data, d, backend="inductor", after_step=None):
     model.train()
     losses, seconds = [], []
     for step, batch in enumerate(data):
-        torch.manual_seed(step_seed(tc.seed, step, d.rank))
-        t0 = time.perf_counter()
-        loss_sum, _ = accumulate_gradients(ddp_model, model, optimizer, scaler, [batch], 1, ctx, d, tc)
+        t0 = time.perf_counter()  # dropout is keyed by (tc.seed, step, sequence), as in train.py
+        loss_sum, _ = accumulate_gradients(ddp_model, model, optimizer, scaler, [batch], 1, ctx, d, tc, step)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

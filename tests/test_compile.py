@@ -33,8 +33,8 @@ import switches  # noqa: E402
 
 CPU = Dist(0, 0, 1, "cpu")
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32"]
-# Each model's flags; with dropout the compiled model draws its masks through aten, as eager does
-# (inductor's fallback_random), so that compiled and eager train on the same masks.
+# Each model's flags. Dropout masks are keyed hashes (gpt_interventions/dropout.py), the same compiled
+# or eager; fallback_random keeps any draw of torch's own RNG on aten's kernels too.
 MODELS = {
     "default": [*TINY, "--vocab_size=256"],
     "modern.toml": [os.path.join(ROOT, "config", "modern.toml"), *TINY, "--vocab_size=256"],
