@@ -40,7 +40,7 @@ def flags(classes, leave_out=(), small=(), huge=True):
     `small` names get only small numbers (they size the work); `leave_out` names are never drawn.
     """
     table = {n: v for n, v in config_fields(classes).items() if n not in leave_out}
-    junk = st.one_of(NUMBERS, st.integers(-3, 40).map(str), st.floats(-3, 3).map(str), TEXT,
+    junk = st.one_of(NUMBERS, st.integers(-3, 40).map(str), st.floats(-3, 3, allow_subnormal=False).map(str), TEXT,
                      *([HUGE, st.integers().map(str)] if huge else []))
 
     def value(name):
@@ -52,7 +52,7 @@ def flags(classes, leave_out=(), small=(), huge=True):
         elif typ is int:
             valid = st.integers(0, 8).map(str)
         elif typ is float:
-            valid = st.floats(0, 1).map(str)
+            valid = st.floats(0, 1, allow_subnormal=False).map(str)
         else:
             valid = TEXT
         return st.one_of(valid, valid, NUMBERS, st.integers(-3, 40).map(str)) if name in small else st.one_of(valid, valid, junk)

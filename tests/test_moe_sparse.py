@@ -113,9 +113,15 @@ def test_a_sparse_run_trains_as_the_dense_run(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_sparse_experts_are_one_graph_without_recompiles(monkeypatch):
+def test_compiled_sparse_experts_are_one_graph_without_recompiles():
+    # wrap_model sets capture_scalar_outputs; config.patch restores it after (monkeypatch's undo
+    # would delattr it, which dynamo's config module takes as hiding the option for the process)
+    with torch._dynamo.config.patch(capture_scalar_outputs=False):
+        compiled_sparse_experts_are_one_graph_without_recompiles()
+
+
+def compiled_sparse_experts_are_one_graph_without_recompiles():
     from torch._dynamo.utils import counters
-    monkeypatch.setattr(torch._dynamo.config, "capture_scalar_outputs", False)  # wrap_model sets it; undone after
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
