@@ -46,7 +46,10 @@ def accumulate_gradients(ddp_model, model, optimizer, scaler, batches, accum, ct
     loss_sum = torch.zeros((), device=d.device)
     for micro, arrays in enumerate(batches):
         x, y = to_device(arrays, d.device)
-        keys = sequence_keys(tc.seed, step, (d.rank * accum + micro) * len(x), len(x), d.device)
+        # no dropout: no keys (they would change no bit, tests/test_dropout.py), so no host work
+        # or copy to the device in the step
+        keys = sequence_keys(tc.seed, step, (d.rank * accum + micro) * len(x), len(x), d.device) \
+            if model.config.dropout > 0 else None
         # DDP all-reduces gradients only on the last micro-batch
         sync = ddp_model.no_sync() if d.world_size > 1 and micro < accum - 1 else nullcontext()
         with sync:
