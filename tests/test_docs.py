@@ -35,7 +35,9 @@ def test_flag_reference_lists_every_field_of_every_script():
 # ---------------------------------------------------------------------------------------------
 # the commands the documents show
 
-DOCS = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs")))
+# README.md's commands run (train.py dry) or parse; the other documents' commands parse
+DOCS = (["README.md", "interventions.md", "BENCHMARKS.md"]
+        + sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))))
 LAUNCHERS = ("python", "torchrun", "make")
 ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=")
 
@@ -50,7 +52,15 @@ def command_lines(path):
     with open(os.path.join(ROOT, path)) as f:
         text = f.read()
     for block in re.findall(r"^```[a-z]*\n(.*?)^```", text, re.S | re.M):
+        variables = {}  # the block's shell variables: NAME="..." lines, and a for loop's first value
         for line in block.replace("\\\n", " ").splitlines():
+            assigned = re.match(r"\s*([A-Z_][A-Z0-9_]*)=(.*)$", line)
+            looped = re.match(r"\s*for (\w+) in (\S+)", line)
+            if assigned and not any(w in LAUNCHERS for w in line.split()):
+                variables[assigned[1]] = " ".join(shlex.split(assigned[2]))
+            elif looped:
+                variables[looped[1]] = looped[2]
+            line = re.sub(r"\$\{?(\w+)\}?", lambda m: variables.get(m[1], m[0]), line)
             head = [w for w in line.split() if not ASSIGNMENT.match(w)][:1]
             if head and head[0] in LAUNCHERS:  # not the layout table and its prose
                 words = shlex.split(line, comments=True)
