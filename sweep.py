@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, replace
 from gpt_interventions import ROOT, budgets, design, ladder, slurm, stats
 from gpt_interventions.cli import field, load_preset, parse_config
 from gpt_interventions.errors import UsageError, run_main
-from gpt_interventions.jobs import plan_jobs, toml_value, train_and_eval
+from gpt_interventions.jobs import plan_jobs, train_and_eval
 from gpt_interventions.results import IGNORED, REPLICATE, SPLIT_HELP, SPLITS, group_runs, judged_lines, load_runs
 from gpt_interventions.stats import CORRECTIONS
 from gpt_interventions.verdicts import pooled_std
@@ -152,7 +152,8 @@ def plan(factors, sc, argv, explicit, rows=None, tail=None, label=None):
     base_args = [sc.preset] if sc.preset else []
     prefix = os.path.basename(os.path.normpath(sc.out))
     os.makedirs(sc.out, exist_ok=True)
-    jobs, plan_budgets = plan_jobs(factors, rows, sc, base, base_args, prefix, resolve, label or run_label)
+    jobs, plan_budgets = plan_jobs(factors, rows, sc, base, base_args, prefix, resolve, label or run_label,
+                                   "ladder" if tail else f"{sc.design} sweep")
     # POSIX sh (Debian's and Ubuntu's sh is dash), the Python that planned it (the project's venv),
     # the scripts by absolute path, and the directory it was planned in for every relative path
     q = shlex.quote

@@ -43,10 +43,10 @@ def train_and_eval(job, launch, sc):
             f"{q(job.run_dir)} --dataset={q(job.tc.dataset)} --data_dir={q(job.tc.data_dir)}{evals}")
 
 
-def plan_jobs(factors, rows, sc, base, base_args, prefix, resolve, label):
+def plan_jobs(factors, rows, sc, base, base_args, prefix, resolve, label, kind):
     """Write every run's preset; the Jobs in the order they can run (a long run before its branches)
     and the budgets of the plan (None without --budgets). resolve(argv) -> (GPTConfig, TrainConfig);
-    label(factors, row): a run's name after its number."""
+    label(factors, row): a run's name after its number; kind: what the presets' comments call the plan."""
     fractions = budgets.parse_budgets(sc.budgets) if sc.budgets else None
     jobs, plan_budgets = [], None
     for i, row in enumerate(rows):
@@ -65,13 +65,13 @@ def plan_jobs(factors, rows, sc, base, base_args, prefix, resolve, label):
             keys = [k for k in base if k not in ("run_name", "out_dir")] + [k for f in factors for k in f.levels]
             keys += extra + ["seed"] * (sc.seeds > 1) + ["run_name"]
             path = os.path.join(sc.out, f"{name}.toml")
-            write_preset(path, f"{sc.design} sweep {prefix}, run {i}: {describe}", values, keys)
+            write_preset(path, f"{kind} {prefix}, run {i}: {describe}", values, keys)
             run_dir = os.path.join("out", name)  # train.py's default: the preset sets no out_dir
             jobs.append(Job(name, path, run_dir, tc))
             for b in (plan_budgets or [])[:-1]:
                 branch = f"{name}-b{fmt(b.fraction)}"
                 path = os.path.join(sc.out, f"{branch}.toml")
-                write_preset(path, f"{sc.design} sweep {prefix}, run {i}: {describe}; {b.fraction:g} of the budget, "
+                write_preset(path, f"{kind} {prefix}, run {i}: {describe}; {b.fraction:g} of the budget, "
                              f"a cooldown branched from {name} at step {b.branch_step}",
                              {**values, "run_name": branch, "max_iters": b.steps, "keep_steps": "",
                               "branch_from": run_dir, "branch_step": b.branch_step},

@@ -11,7 +11,8 @@ each smaller rung gets the lr that muP carries down from it (tests/test_mup.py).
 
 The fit (OLMo-core's shared floor, arXiv 2412.04403): L = E + A_arm x (C / C_target)^-alpha_arm,
 one E for every arm, least squares over each (arm, rung) mean. At the target C / C_target = 1, so
-an arm's predicted loss there is E + A_arm.
+an arm's predicted loss there is E + A_arm. The residuals are tested against the seeds' scatter
+(lack_of_fit), and finished target-scale runs are set against the predictions (backtest_lines).
 """
 
 import math
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.optimize import least_squares
+from scipy.stats import f as f_dist
 
 from gpt_interventions.errors import UsageError
 from gpt_interventions.stats import t_quantile
@@ -183,21 +185,62 @@ def bootstrap(points, arms, draws=1000, seed=0, level=0.95):
     return best, losses, diffs
 
 
-def backtest_lines(fit_, targets, names):
-    """How the ladder's predictions at the target met finished target-scale runs: {arm: [losses]}."""
+def lack_of_fit(points, fit_):
+    """The classical lack-of-fit F test of replicated cells: do the curves miss the (arm, rung) means by
+    more than the seeds scatter around them? points: [(arm, x, loss, seed)]. Returns (F, df of the lack
+    of fit, df of the seeds' scatter, p), or None when the fit leaves no degree of freedom. Runs of one
+    seed share its data order across cells, so the cells are not quite independent: a rough check."""
+    cells = {}
+    for a, x, loss, _ in points:
+        cells.setdefault((a, x), []).append(loss)
+    fitted = {(a, x): f for a, x, _, f in fit_.residuals}
+    df_lack = len(cells) - (1 + 2 * len(fit_.A))
+    df_pure = sum(len(v) - 1 for v in cells.values())
+    if df_lack < 1 or df_pure < 1:
+        return None
+    ss_lack = sum(len(v) * (np.mean(v) - fitted[k]) ** 2 for k, v in cells.items())
+    ss_pure = sum(float(((np.asarray(v) - np.mean(v)) ** 2).sum()) for v in cells.values())
+    F = float(ss_lack / df_lack / (ss_pure / df_pure)) if ss_pure > 0 else math.inf
+    return F, df_lack, df_pure, float(f_dist.sf(F, df_lack, df_pure))
+
+
+def lack_of_fit_line(points, fit_):
+    test = lack_of_fit(points, fit_)
+    if test is None:
+        return (f"lack of fit: not checked: the fit has {1 + 2 * len(fit_.A)} parameters for as many rung means "
+                "(or no rung has two seeds); one more rung gives it a degree of freedom")
+    F, df_lack, df_pure, p = test
+    head = f"lack of fit: F({df_lack}, {df_pure}) = {F:.3g}, p = {p:.2g}: "
+    if p < 0.05:
+        return head + ("the curves miss the rung means by more than the seeds scatter around them. The form "
+                       "L = E + A x C^-alpha does not hold across these rungs, and the intervals below, which "
+                       "hold only the seeds' noise, understate the prediction's error")
+    return head + (f"the curves miss the rung means by no more than the seeds scatter around them (checked only "
+                   f"where the rungs are, on {df_lack} degree(s) of freedom: more rungs make the check stronger)")
+
+
+def backtest_lines(targets, names, losses, diffs):
+    """How the ladder's predictions at the target met finished target-scale runs: {arm: [losses]};
+    losses and diffs: bootstrap()'s (estimate, low, high) of each arm and of each arm - arm 0."""
     if not targets:
         return ["backtest: no finished target-scale runs (add the target's n_layer to --rungs to have some)"]
+
+    def met(predicted, measured, sign=""):
+        est, low, high = predicted
+        where = "inside" if low <= measured <= high else "OUTSIDE"
+        return (f"predicted {est:{sign}.4f}, measured {measured:{sign}.4f}, error {est - measured:+.4f}, "
+                f"{where} the 95% interval")
+
     lines = ["backtest against the finished target-scale runs (not in the fit):"]
-    for a, losses in sorted(targets.items()):
-        mean = float(np.mean(losses))
-        lines.append(f"  {names[a]}: predicted {fit_.predict(a):.4f}, measured {mean:.4f} over {len(losses)} "
-                     f"run(s), error {fit_.predict(a) - mean:+.4f}")
-    if 0 in targets and len(targets) > 1:
-        for a in sorted(targets):
-            if a:
-                measured = float(np.mean(targets[a]) - np.mean(targets[0]))
-                lines.append(f"  {names[a]} - {names[0]}: predicted {fit_.predict(a) - fit_.predict(0):+.4f}, "
-                             f"measured {measured:+.4f}")
+    for a, runs in sorted(targets.items()):
+        lines.append(f"  {names[a]} over {len(runs)} run(s): " + met(losses[a], float(np.mean(runs))))
+    for a in sorted(targets):
+        if a and 0 in targets:
+            measured = float(np.mean(targets[a]) - np.mean(targets[0]))
+            lines.append(f"  {names[a]} - {names[0]}: " + met(diffs[a], measured, "+"))
+    if any("OUTSIDE" in line for line in lines):
+        lines.append("  a measurement outside its interval: the ladder's error here is larger than its interval says "
+                     "(the interval holds the seeds' noise, not a wrong curve); trust its next predictions less")
     return lines
 
 
@@ -302,6 +345,7 @@ def analyze(patterns, arms, sc, mc, tc):
     print("residuals (the mean loss of each arm and rung, minus the fit):")
     for a, x, y, f in best.residuals:
         print(f"  {names[a]} at C/C_target = {x:.4g}: {y:.4f} - {f:.4f} = {y - f:+.4f}")
+    print(lack_of_fit_line(points, best))
     seeds = len({p[3] for p in points})
     print(f"predicted at the target (95% intervals, bootstrap over {seeds} seeds):")
     for a, (est, low, high) in losses.items():
@@ -309,7 +353,7 @@ def analyze(patterns, arms, sc, mc, tc):
     for a, (est, low, high) in diffs.items():
         verdict = "excludes zero" if low > 0 or high < 0 else "includes zero: no difference shown"
         print(f"  {names[a]} - {names[0]}: {est:+.4f} [{low:+.4f}, {high:+.4f}], {verdict}")
-    for line in backtest_lines(best, targets, names) + CAVEATS:
+    for line in backtest_lines(targets, names, losses, diffs) + CAVEATS:
         print(line)
     if "standard" in parametrizations:
         print("  (these runs include parametrization=standard ones: the lr caveat applies to them)")

@@ -8,10 +8,10 @@ import pytest
 
 import sweep
 from gpt_interventions import ladder
-from gpt_interventions.cli import parse_config
+from gpt_interventions.cli import load_preset, parse_config
 from gpt_interventions.errors import UsageError
 from gpt_interventions.training import TrainConfig
-from helpers import fake_run
+from helpers import ROOT, fake_run
 from model import GPTConfig
 
 E, A, ALPHA = 2.8, [0.9, 0.8], [0.22, 0.3]  # the true curves: L = E + A x^-alpha, x = C / C_target
@@ -43,6 +43,38 @@ def test_the_intervals_cover_the_true_difference_at_the_stated_rate():
         _, _, diffs = ladder.bootstrap(simulated(rng), 2, draws=40, seed=i)
         hits += diffs[1][1] <= A[1] - A[0] <= diffs[1][2]
     assert 0.904 <= hits / 200 <= 0.996, hits
+
+
+def test_lack_of_fit_flags_curves_of_another_form_and_passes_the_true_one():
+    """The lack-of-fit F test: the true curves with noise pass; the same rungs with the middle one 0.05
+    too high (a bend no power law has) fail; three rungs of two arms leave 1 degree of freedom, two none."""
+    xs = XS + [0.2]
+    true = simulated(np.random.default_rng(4), seeds=3, sd=0.01, xs=xs)
+    F, df_lack, df_pure, p = ladder.lack_of_fit(true, ladder.fit([q[:3] for q in true], 2)[0])
+    assert (df_lack, df_pure) == (8 - 5, 8 * 2) and p > 0.05
+    bent = [(a, x, loss + 0.05 * (x == XS[1]), s) for a, x, loss, s in true]
+    fit_, _ = ladder.fit([q[:3] for q in bent], 2)
+    assert ladder.lack_of_fit(bent, fit_)[3] < 0.001
+    assert "does not hold across these rungs" in ladder.lack_of_fit_line(bent, fit_)
+    three = [q for q in true if q[1] in XS]
+    assert ladder.lack_of_fit(three, ladder.fit([q[:3] for q in three], 2)[0])[1:3] == (1, 12)
+    two = [q for q in true if q[1] in XS[:2]]
+    assert ladder.lack_of_fit(two, ladder.fit([q[:3] for q in two], 2)[0]) is None
+
+
+def test_the_backtest_says_whether_each_measurement_lies_inside_its_interval():
+    names = ["learned", "rope"]
+    losses, diffs = {0: (7.78, 7.73, 7.84), 1: (7.77, 7.72, 7.83)}, {1: (-0.012, -0.018, -0.006)}
+    lines = ladder.backtest_lines({0: [7.76, 7.77], 1: [7.63, 7.64]}, names, losses, diffs)
+    assert lines[1] == ("  learned over 2 run(s): predicted 7.7800, measured 7.7650, error +0.0150, "
+                        "inside the 95% interval")
+    assert lines[2].endswith("measured 7.6350, error +0.1350, OUTSIDE the 95% interval")
+    assert lines[3] == ("  rope - learned: predicted -0.0120, measured -0.1300, error +0.1180, "
+                        "OUTSIDE the 95% interval")
+    assert "larger than its interval says" in lines[4]
+    inside = ladder.backtest_lines({0: [7.78], 1: [7.77]}, names, losses, diffs)
+    assert len(inside) == 4 and "OUTSIDE" not in "".join(inside)
+    assert "no finished target-scale runs" in ladder.backtest_lines({}, names, losses, diffs)[0]
 
 
 def test_plan_sizes_follow_the_rule(tmp_path, capsys):
@@ -91,6 +123,7 @@ def test_analyze_reads_run_directories_end_to_end(tmp_path, capsys):
     assert high < 0 and low < A[1] - A[0] < high and "excludes zero" in printed
     assert losses[0][0] == pytest.approx(E + A[0], abs=0.05)
     assert "backtest" in printed and "measured" in printed and "DataDecide" in printed and "residuals" in printed
+    assert "lack of fit: F(1, 12)" in printed
 
 
 @pytest.mark.parametrize("args,message", [
@@ -107,15 +140,21 @@ def test_bad_ladder_input_is_a_usage_error(args, message, tmp_path):
     assert not os.path.exists(tmp_path / "never")
 
 
+def test_the_tiny_ladder_target_is_tiny_made_deeper():
+    """config/tiny-ladder.toml, the target of interventions.md's worked tiny ladder: config/tiny.toml
+    with 4 blocks of 16-wide heads, so that three rungs lie below it."""
+    tiny, target = (load_preset(os.path.join(ROOT, "config", name)) for name in ("tiny.toml", "tiny-ladder.toml"))
+    assert target == {**tiny, "n_layer": 4, "n_head": 4}
+
+
 def test_a_target_counted_in_steps_gives_rungs_counted_in_tokens(tmp_path, capsys):
-    """config/tiny.toml trains max_iters = 100 steps of 2,048 tokens: the target's tokens are those, and
-    every rung trains by max_tokens (max_iters 0), or its token count would be ignored."""
-    target = tmp_path / "target.toml"
-    target.write_text((open(os.path.join(os.path.dirname(__file__), "..", "config", "tiny.toml")).read()
-                       + "n_layer = 8\nn_head = 4\nn_embd = 128\n").replace("n_layer = 2\nn_head = 2\nn_embd = 64\n", ""))
+    """config/tiny-ladder.toml trains max_iters = 100 steps of 2,048 tokens: the target's tokens are
+    those, and every rung trains by max_tokens (max_iters 0), or its token count would be ignored."""
+    target = os.path.join(ROOT, "config", "tiny-ladder.toml")
     out = tmp_path / "lad"
-    names = sweep.main(["ladder", "--factor", "qkv_bias=False,True", "--seeds=2", f"--out={out}", f"--preset={target}"])
-    (tmc, ttc), _, _ = parse_config([str(target)], [GPTConfig, TrainConfig], "train.py", "")
+    names = sweep.main(["ladder", "--factor", "qkv_bias=False,True", "--rungs=1,2,3", "--seeds=2", f"--out={out}",
+                        f"--preset={target}"])
+    (tmc, _), _, _ = parse_config([target], [GPTConfig, TrainConfig], "train.py", "")
     tpp = 100 * 2048 / ladder.size_of(tmc)[0]
     shapes = set()
     for name in names:
@@ -123,4 +162,5 @@ def test_a_target_counted_in_steps_gives_rungs_counted_in_tokens(tmp_path, capsy
         assert tc.max_iters == 0 and mc.block_size == 64  # the preset underneath
         assert abs(tc.max_tokens - tpp * ladder.size_of(GPTConfig(**{**mc.__dict__, "qkv_bias": False}))[0]) <= 1
         shapes.add((mc.n_layer, mc.n_embd, mc.n_head, mc.mup_base_width))
-    assert shapes == {(2, 32, 1, 128), (4, 64, 2, 128), (6, 96, 3, 128)}  # 16 per layer, 32-wide heads
+    assert shapes == {(1, 16, 1, 64), (2, 32, 2, 64), (3, 48, 3, 64)}  # 16 per layer, 16-wide heads
+    assert (out / f"{names[0]}.toml").read_text().startswith("# ladder lad, run 0: n_layer=1,")
