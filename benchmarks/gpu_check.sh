@@ -34,15 +34,17 @@ step() {  # step SECONDS LABEL COMMAND... (EXPECT=N: the exit status that passes
 if [ "$dev" = cpu ]; then  # tiny shapes, eager: only that every command still parses and runs
   small=(--n_layer=2 --n_head=2 --n_embd=64 --block_size=64 --device=cpu)
   gpt124=("${small[@]}" --qkv_bias=True --tie_weights=True); gpt163=("${small[@]}")
-  bb=(--batch_size=4 --total_batch_size=0 --steps=2 --warmup=1); fast=(--compile=False)
-  e2e=("${small[@]}" --batch_size=4 --compile=False --max_iters=30); auto=(--compile=False)
+  # a 256-token vocabulary for the benchmarks' synthetic tokens, and float32 for the end-to-end run:
+  # this CPU has no bfloat16 matmuls, and a 50,257-way head in bfloat16 takes seconds a step
+  bb=(--batch_size=4 --total_batch_size=0 --steps=2 --warmup=1 --vocab_size=256); fast=(--compile=False)
+  e2e=("${small[@]}" --batch_size=4 --compile=False --max_iters=30); e2e_dtype=float32; auto=(--compile=False)
   ckpt=(--checkpoint_interval=10); evals=(--eval_tokens=4096); auto_exit=2  # auto: GPUs only
   # dynamo's capture without code generation, two rows (tests/test_switches.py runs every row)
   sw=(--device=cpu --tiny=True --backend=eager --budget=0 --warmup=1 --steps=1 --only=baseline,modern.toml)
 else
   gpt124=(--qkv_bias=True --tie_weights=True --device=cuda); gpt163=(--device=cuda)
   bb=(--batch_size=32 --total_batch_size=0 --steps=20 --warmup=5); fast=(--compile=True)
-  e2e=(--device=cuda --batch_size=8 --max_iters=400); auto=(--device=cuda)
+  e2e=(--device=cuda --batch_size=8 --max_iters=400); e2e_dtype=bfloat16; auto=(--device=cuda)
   ckpt=(--checkpoint_interval=50); evals=(--eval_tokens=0); auto_exit=0
   sw=(--device=cuda --budget=150)  # rows by importance until 150 s have passed; the rest listed as not run
 fi
@@ -73,7 +75,7 @@ step 210 "every switch compiled" $py benchmarks/switches.py "${sw[@]}"
 #    place, then eval.py and sample.py on the GPU.
 work=$(mktemp -d)
 step 60 "prepare the embedded corpus" $py prepare_data.py --dataset=sample --data_dir="$work/data"
-run=("${e2e[@]}" --dataset=sample --data_dir="$work/data" --out_dir="$work/run" --dtype=bfloat16
+run=("${e2e[@]}" --dataset=sample --data_dir="$work/data" --out_dir="$work/run" --dtype=$e2e_dtype
      --total_batch_size=0 --log_interval=10 --eval_interval=50 --eval_tokens=65536 "${ckpt[@]}")
 say ""; say "== train, SIGTERM after the first checkpoint, then the same command again"
 t0=$SECONDS
