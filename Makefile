@@ -32,7 +32,7 @@ test-one-thread: $(VENV)/.dev
 
 # The demo: three seeds each of the tiny baseline and the tiny model with rotary positions and Muon
 # (the two switches interventions.md's tiny-scale table found better), 40 steps each to fit about
-# 3-4 minutes on two cores (BENCHMARKS.md), scored on the sample's test split and compared seed by
+# 7 minutes on two cores (measured: BENCHMARKS.md), scored on the sample's test split and compared seed by
 # seed: at 40 steps the pair measured 0.09 better, p 0.001 (interventions.md). Its runs live in
 # out/demo/, replaced on every call.
 DEMO_SEEDS := 42 43 44
